@@ -1,0 +1,673 @@
+"""AEnt: GRPO with an adaptive clamped-entropy bonus, in one file.
+
+"On Entropy Control in LLM-RL Algorithms" (ICLR 2026, arXiv 2509.03493). One training step:
+
+  1. rollout      sample G completions for each of N prompts with HF `generate`
+  2. reward       grade each completion against the gold answer (math-verify): 1 or 0
+  3. advantages   A_i = (r_i - mean(r_group)) / (std(r_group) + eps), one per completion
+  4. entropy      H~(s) = entropy of softmax(logits / T) renormalised over the kept tokens,
+                  the lowest-logit fraction p of the vocabulary dropped ("clamped entropy")
+  5. loss         L = L_PPO-clip(ratio, A) - lambda * mean_t H~(s_t)   (token-mean)
+  6. coefficient  lambda <- clip(lambda - beta * (min(0, H~ - H_low) + max(0, H~ - H_high)),
+                                 lambda_min, lambda_max)
+
+`--entropy none` is plain GRPO, `--entropy full` the conventional full-vocabulary bonus,
+`--entropy clamped` (the default) with `--adaptive-coef` is AEnt.
+
+    python aent.py --model Qwen/Qwen2.5-Math-1.5B      # the paper's recipe, scaled to one GPU
+    python aent.py --model tiny                         # offline CPU demo on a toy task
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import random
+import re
+import shutil
+import string
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Arguments
+# ----------------------------------------------------------------------------------------------
+def arg(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = arg("Qwen/Qwen2.5-Math-1.5B", "hub id, local directory, or 'tiny' (a small random Qwen2 for the offline CPU demo)")
+    dataset: str = arg("math", "'gsm8k', 'math', 'toy' (offline: repeat a digit), or a local .jsonl/.parquet file")
+    split: str = arg("train", "dataset split to train on (hub datasets only)")
+    out_dir: str = arg("runs/aent", "directory for metrics.jsonl, samples.jsonl and checkpoints")
+    seed: int = arg(0, "random seed for data order, sampling and the tiny model's weights")
+    # rollout
+    steps: int = arg(500, "number of training steps (one rollout and one coefficient update each)")
+    prompts_per_step: int = arg(32, "prompts per step (recipe: 512 on 4 GPUs)")
+    group_size: int = arg(16, "completions sampled per prompt, G")
+    max_prompt_tokens: int = arg(1024, "prompts longer than this are dropped from the dataset")
+    max_new_tokens: int = arg(3072, "completion length limit; prompt + completion must fit the model's context")
+    temperature: float = arg(1.0, "sampling temperature; log-probs and entropies are taken at the same temperature")
+    top_p: float = arg(1.0, "nucleus sampling threshold (1.0 = off)")
+    rollout_batch_size: int = arg(128, "sequences per `generate` call")
+    # policy update
+    mini_batch_prompts: int = arg(8, "prompts per optimizer step; prompts_per_step / mini_batch_prompts updates per step")
+    ppo_epochs: int = arg(1, "passes over each step's rollouts")
+    micro_batch_size: int = arg(8, "sequences per forward/backward (gradient accumulation inside a minibatch)")
+    lr: float = arg(2e-6, "AdamW learning rate (constant)")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient-norm clipping threshold")
+    clip_low: float = arg(0.2, "PPO clip: ratio is clipped below at 1 - clip_low")
+    clip_high: float = arg(0.2, "PPO clip: ratio is clipped above at 1 + clip_high")
+    dual_clip: float = arg(3.0, "dual clip c: loss for negative advantages is capped at -c * A")
+    scale_adv: bool = arg(True, "divide group advantages by the group std (GRPO); --no-scale-adv only centres them")
+    beta: float = arg(0.0, "KL penalty weight to a frozen reference model (0: no reference model is loaded)")
+    mask_truncated: bool = arg(False, "leave completions that hit max_new_tokens out of the loss")
+    # entropy bonus
+    entropy: str = arg("clamped", "entropy bonus: none (GRPO), full (whole vocabulary), clamped (AEnt)", choices=("none", "full", "clamped"))
+    drop_frac: float = arg(0.33, "clamped entropy: fraction p of the vocabulary dropped, lowest logits first")
+    top_k: Optional[int] = arg(None, "clamped entropy: keep this many highest logits instead of using drop_frac")
+    entropy_coef: float = arg(0.002, "initial entropy coefficient lambda_0")
+    adaptive_coef: bool = arg(True, "adapt lambda to keep the bonus entropy in [h_low, h_high]; --no-adaptive-coef keeps it fixed")
+    h_low: float = arg(0.15, "lower edge of the target entropy band (on the bonus entropy's scale)")
+    h_high: float = arg(0.24, "upper edge of the target entropy band")
+    coef_lr: float = arg(0.002, "step size beta of the coefficient update")
+    coef_min: float = arg(0.0006, "lower bound lambda_min of the coefficient")
+    coef_max: float = arg(0.009, "upper bound lambda_max of the coefficient")
+    coef_warmup: int = arg(30, "steps during which lambda stays at its initial value")
+    # engineering
+    logits_chunk: int = arg(1024, "completion tokens per chunk when computing log-probs and entropies in fp32")
+    grad_checkpointing: bool = arg(True, "recompute activations in the backward pass (the training pass only, never in generate)")
+    save_every: int = arg(50, "save a checkpoint every this many steps (0: only at the end)")
+    sample_every: int = arg(10, "print and store a few sample completions every this many steps")
+
+
+# The CPU demo: a task and sizes where a randomly initialised model learns within minutes.
+# Applied when --model tiny, to every field not given on the command line.
+TINY_DEMO = dict(
+    dataset="toy", out_dir="runs/tiny", steps=150, prompts_per_step=16, group_size=16, max_prompt_tokens=64,
+    max_new_tokens=2, mini_batch_prompts=8, micro_batch_size=128, lr=1e-3, weight_decay=0.0, entropy_coef=0.01,
+    h_low=0.5, h_high=1.5, coef_lr=0.01, coef_min=0.001, coef_max=0.05, coef_warmup=5, save_every=0,
+)
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        help = f"{f.metadata['help']} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            kind = int if f.type is Optional[int] else f.type
+            parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    demo = TINY_DEMO if given.get("model") == "tiny" else {}
+    return Args(**{**demo, **given})
+
+
+def check_args(args: Args):
+    """Reject impossible configurations before any long work starts."""
+    problems = []
+    if args.group_size < 2:
+        problems.append("--group-size must be at least 2 (group advantages need a group)")
+    if not 0.0 <= args.drop_frac < 1.0:
+        problems.append("--drop-frac must be in [0, 1)")
+    if args.top_k is not None and args.top_k < 1:
+        problems.append("--top-k must be positive")
+    if args.prompts_per_step % args.mini_batch_prompts:
+        problems.append("--prompts-per-step must be a multiple of --mini-batch-prompts")
+    if args.temperature <= 0:
+        problems.append("--temperature must be positive for sampling")
+    if args.adaptive_coef and not args.coef_min <= args.entropy_coef <= args.coef_max:
+        problems.append("--entropy-coef must lie in [--coef-min, --coef-max]")
+    if args.h_low > args.h_high:
+        problems.append("--h-low must not exceed --h-high")
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Data and prompt
+# ----------------------------------------------------------------------------------------------
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+HUB_DATASETS = {"gsm8k": ("openai/gsm8k", "main"), "math": ("DigitalLearningGmbH/MATH-lighteval", None)}
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced: 'so \\boxed{\\frac{1}{2}}' -> '\\frac{1}{2}'."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def problem_from_row(row: dict) -> Optional[dict]:
+    """A dataset row -> {'question', 'gold'}, or None if it has no question or no gold answer.
+
+    Gold is `answer` (GSM8K's '... #### 1,600' -> '1600'), else the last \\boxed{} of `solution`.
+    """
+    question = row.get("question") or row.get("problem")
+    gold = row.get("answer")
+    if gold is not None:
+        gold = str(gold)
+        if "####" in gold:
+            gold = gold.split("####")[-1].strip().replace(",", "")
+    elif row.get("solution"):
+        gold = last_boxed(row["solution"])
+    if not question or gold is None or not gold.strip():
+        return None
+    return {"question": str(question), "gold": gold.strip()}
+
+
+def toy_problems() -> list[dict]:
+    """The offline demo task, for a randomly initialised model: 'Repeat 7' -> '7', ten problems."""
+    return [{"question": f"Repeat {d}", "gold": str(d)} for d in range(10)]
+
+
+def load_problems(dataset: str, split: str = "train") -> list[dict]:
+    """Problems from a hub dataset by name, a local .jsonl/.parquet file, or the toy task."""
+    if dataset == "toy":
+        return toy_problems()
+    import datasets
+
+    datasets.disable_progress_bars()
+    if dataset in HUB_DATASETS:
+        rows = datasets.load_dataset(*HUB_DATASETS[dataset], split=split)
+    elif dataset.endswith((".jsonl", ".json", ".parquet")):
+        if not os.path.isfile(dataset):
+            sys.exit(f"error: dataset file {dataset} not found")
+        kind = "parquet" if dataset.endswith(".parquet") else "json"
+        rows = datasets.load_dataset(kind, data_files=dataset, split="train")
+    else:
+        sys.exit(f"error: unknown dataset {dataset!r}: use gsm8k, math, toy, or a .jsonl/.parquet path")
+    problems = [p for p in map(problem_from_row, rows) if p is not None]
+    if not problems:
+        sys.exit(f"error: {dataset} has no rows with a question/problem and an answer/solution field")
+    return problems
+
+
+def build_prompt(tokenizer, question: str) -> str:
+    """The Qwen2.5-Math prompt: chat template with the boxed-answer system prompt; plain text otherwise."""
+    if tokenizer.chat_template:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"Question: {question}\nAnswer:"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Reward
+# ----------------------------------------------------------------------------------------------
+NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+/\d+|-?\d+(?:\.\d+)?|-?\.\d+")
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer: the last \\boxed{...}, else the last number. 'so 3/4, i.e. 0.75' -> '0.75'."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    numbers = NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse(answer: str, timeout):
+    from math_verify import parse
+
+    return parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+
+
+def grade(completion: str, gold: str) -> float:
+    """1.0 if the completion's final answer is mathematically equivalent to gold (math-verify), else 0.0.
+
+    Any failure to parse or verify, or a timeout (5 s, signal-based: main thread only), scores 0.
+    """
+    from math_verify import verify
+
+    answer = extract_answer(completion)
+    if answer is None:
+        return 0.0
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        return float(verify(_parse(gold, timeout), _parse(answer, timeout), timeout_seconds=timeout))
+    except Exception:  # math-verify raises on pathological input and on timeouts
+        return 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Model
+# ----------------------------------------------------------------------------------------------
+def build_tiny(seed: int = 0):
+    """A randomly initialised 2-layer Qwen2 with a character-level tokenizer, built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token=specials[0]))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=specials[0], pad_token=specials[0], additional_special_tokens=specials[1:]
+    )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config), tokenizer
+
+
+def load_model(name: str, device: torch.device, seed: int = 0):
+    """(model, tokenizer) from the hub, a local directory, or 'tiny'. Weights stay fp32: on GPU the
+    passes run under bf16 autocast, because bf16 weights would round away 1e-6-sized updates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "tiny":
+        model, tokenizer = build_tiny(seed)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        except OSError as e:
+            sys.exit(f"error: cannot load model {name!r} (not a local directory, or not reachable on the hub): {str(e).splitlines()[0]}")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's and the checkpoint's EOS, plus Qwen's
+    <|im_end|> and <|endoftext|> (base models stop on the latter, the chat template on the former)."""
+    ids = {tokenizer.eos_token_id}
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos])
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        if token in tokenizer.get_vocab():
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+    return sorted(i for i in ids if i is not None)
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Rollout
+# ----------------------------------------------------------------------------------------------
+def completion_mask(completion_ids: torch.Tensor, eos_ids) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after it. By position, never by pad id (pad may equal EOS).
+
+    [[5, 9, EOS, EOS, EOS]] -> [[1, 1, 1, 0, 0]]; a row without EOS (truncated) is all ones.
+    """
+    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_ids), device=completion_ids.device))  # [B, T]
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()  # [B, T] EOS count strictly before t
+    return (eos_before == 0).long()
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[str], args: Args, eos_ids: list[int]) -> dict:
+    """Sample group_size completions per prompt; groups are contiguous rows.
+
+    Returns input_ids [B, P+T] (prompt left-padded, completion right-padded), attention_mask
+    [B, P+T], mask [B, T] over completion tokens, and the decoded completions (B = prompts * G).
+    """
+    from transformers import GenerationConfig
+
+    # Every sampling field explicit: the checkpoint's generation_config must not change them.
+    gen = GenerationConfig(
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,
+        eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prompt_ids = enc.input_ids.repeat_interleave(args.group_size, 0)  # [B, P]
+    prompt_attn = enc.attention_mask.repeat_interleave(args.group_size, 0)  # [B, P]
+    was_training = model.training
+    model.eval()  # gradient checkpointing is only active in train mode, so the KV cache is used here
+    chunks = []
+    for i in range(0, len(prompt_ids), args.rollout_batch_size):
+        with autocast(device):
+            out = model.generate(
+                input_ids=prompt_ids[i : i + args.rollout_batch_size],
+                attention_mask=prompt_attn[i : i + args.rollout_batch_size],
+                generation_config=gen,
+            )
+        chunks.append(out[:, prompt_ids.size(1) :])  # [b, T_i]
+    model.train(was_training)
+    T = max(c.size(1) for c in chunks)
+    completion_ids = torch.cat([F.pad(c, (0, T - c.size(1)), value=tokenizer.pad_token_id) for c in chunks])  # [B, T]
+    mask = completion_mask(completion_ids, eos_ids)  # [B, T]
+    texts = tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+    return {
+        "input_ids": torch.cat([prompt_ids, completion_ids], 1),  # [B, P+T]
+        "attention_mask": torch.cat([prompt_attn, mask], 1),  # [B, P+T]
+        "mask": mask,  # [B, T]
+        "truncated": ~torch.isin(completion_ids, torch.as_tensor(eos_ids, device=device)).any(1),  # [B]
+        "completions": texts,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Group advantages
+# ----------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i - mean_group(r)) / (std_group(r) + eps), groups of group_size contiguous rewards.
+
+    rewards [1, 0, 0, 0] with G = 4 -> [1.5, -0.5, -0.5, -0.5]; a group with equal rewards -> zeros.
+    """
+    r = rewards.view(-1, group_size)  # [N, G]
+    adv = r - r.mean(-1, keepdim=True)  # [N, G]
+    if scale:
+        adv = adv / (r.std(-1, keepdim=True) + eps)  # Bessel-corrected std
+    return adv.view(-1)  # [N*G]
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Clamped entropy
+# ----------------------------------------------------------------------------------------------
+def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optional[int] = None) -> torch.Tensor:
+    """H~(s) = -sum_{a in A_k} pi~(a) log pi~(a),  pi~(a) = pi(a) / sum_{a' in A_k} pi(a').
+
+    A_k keeps the top_k highest logits, or (top_k=None) drops the int(drop_frac * V) lowest.
+    logits [..., V], already divided by the temperature -> entropy [...]. drop_frac=0 is the
+    ordinary entropy. The kept set is a discrete choice: gradient reaches only the kept logits.
+    Logits [2, 1, -9], drop_frac 0.34 -> entropy of softmax([2, 1]) = 0.582.
+    """
+    V = logits.size(-1)
+    k = V - int(drop_frac * V) if top_k is None else min(top_k, V)
+    if k < 1:
+        raise ValueError(f"clamped entropy keeps no token (V={V}, drop_frac={drop_frac}, top_k={top_k})")
+    kept = logits if k == V else logits.topk(k, dim=-1, sorted=False).values  # [..., k]
+    logp = kept.float().log_softmax(-1)  # [..., k]
+    return -(logp.exp() * logp).sum(-1)  # [...]
+
+
+def _chunk_stats(hidden, targets, head, temperature, drop_frac, top_k):
+    logits = head(hidden).float() / temperature  # [C, V] fp32
+    logp_all = logits.log_softmax(-1)  # [C, V]
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # [C]
+    h_full = -(logp_all.exp() * logp_all).sum(-1)  # [C]
+    h_clamped = h_full if drop_frac == 0 and top_k is None else clamped_entropy(logits, drop_frac, top_k)  # [C]
+    return logp, h_clamped, h_full
+
+
+def token_stats(model, input_ids, attention_mask, mask, temperature=1.0, drop_frac=0.0, top_k=None, chunk=1024):
+    """Per completion token: log pi(y_t), clamped entropy and full entropy, each [B, T], 0 where mask is 0.
+
+    Logits exist only at kept completion positions, in fp32, `chunk` tokens at a time; with
+    gradients on, each chunk is recomputed in the backward, so one chunk's fp32 logits are alive.
+    """
+    T = mask.size(1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] as generate sets them under left padding
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # [B, L, D]
+    keep = mask.bool()
+    hidden = hidden[:, -T - 1 : -1][keep]  # [N, D] the states that predict completion tokens
+    targets = input_ids[:, -T:][keep]  # [N]
+    stats = functools.partial(
+        _chunk_stats, head=model.get_output_embeddings(), temperature=temperature, drop_frac=drop_frac, top_k=top_k
+    )
+    outs = []
+    for i in range(0, len(targets), chunk):
+        h, y = hidden[i : i + chunk], targets[i : i + chunk]
+        outs.append(checkpoint(stats, h, y, use_reentrant=False) if torch.is_grad_enabled() else stats(h, y))
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if not outs:
+        return zeros, zeros, zeros
+    return tuple(zeros.masked_scatter(keep, torch.cat(x)) for x in zip(*outs))  # 3 x [B, T]
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Policy loss
+# ----------------------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
+    """PPO-clip with dual clip, token-mean over mask. logp, old_logp, mask [B, T]; adv [B].
+
+    r_t = exp(logp - old_logp);  l_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)),
+    and for A < 0, l_t = min(l_t, -c A). Returns (loss, stats with clip_frac and approx_kl).
+    """
+    mask = mask.float()
+    adv = adv[:, None]  # [B, 1]
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    loss_unclipped = -adv * ratio  # [B, T]
+    loss_clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)  # [B, T]
+    loss = torch.maximum(loss_unclipped, loss_clipped)  # [B, T]
+    loss_dual = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)  # [B, T]
+    stats = {
+        "clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), mask).item(),
+        "dual_clip_frac": masked_mean((loss_dual < loss).float(), mask).item(),
+        "approx_kl": masked_mean(old_logp - logp, mask).item(),
+    }
+    return masked_mean(loss_dual, mask), stats
+
+
+def kl_penalty(logp, ref_logp):
+    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Coefficient update
+# ----------------------------------------------------------------------------------------------
+def update_entropy_coef(coef, entropy, h_low, h_high, lr, coef_min, coef_max) -> float:
+    """lambda <- clip(lambda - lr * (min(0, H - H_low) + max(0, H - H_high)), lambda_min, lambda_max).
+
+    Entropy below the band raises lambda, above it lowers lambda, inside leaves it alone.
+    """
+    step = min(0.0, entropy - h_low) + max(0.0, entropy - h_high)
+    return float(min(max(coef - lr * step, coef_min), coef_max))
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Training loop
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(model, tokenizer, path: str):
+    """save_pretrained into path.tmp, then rename: a checkpoint directory is complete or absent."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def step_batches(n_problems: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
+    """Problem indices for a step: epochs of seeded permutations, a pure function of the step."""
+    out, pos = [], step * prompts_per_step
+    while len(out) < prompts_per_step:
+        epoch, offset = divmod(pos, n_problems)
+        order = torch.randperm(n_problems, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = order[offset : offset + prompts_per_step - len(out)].tolist()
+        out += take
+        pos += len(take)
+    return out
+
+
+def train(args: Args):
+    from tqdm import tqdm
+
+    check_args(args)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if os.path.exists(os.path.join(args.out_dir, "metrics.jsonl")):
+        sys.exit(f"error: {args.out_dir} already holds a run (metrics.jsonl); choose another --out-dir")
+
+    model, tokenizer = load_model(args.model, device, args.seed)
+    problems = load_problems(args.dataset, args.split)
+    prompts = [build_prompt(tokenizer, p["question"]) for p in problems]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    fits = [i for i, n in enumerate(lengths) if n <= args.max_prompt_tokens]
+    if not fits:
+        sys.exit(f"error: every prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}")
+    if len(fits) < len(problems):
+        print(f"dropped {len(problems) - len(fits)} of {len(problems)} prompts longer than {args.max_prompt_tokens} tokens")
+    problems, prompts = [problems[i] for i in fits], [prompts[i] for i in fits]
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and max(lengths[i] for i in fits) + args.max_new_tokens > context:
+        sys.exit(f"error: prompt ({max(lengths[i] for i in fits)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context} tokens")
+
+    eos_ids = stop_token_ids(model, tokenizer)
+    ref_model = None
+    if args.beta > 0:
+        ref_model = load_model(args.model, device, args.seed)[0].eval().requires_grad_(False)
+    if args.grad_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=1)
+    print(f"model {args.model} on {device} | {len(problems)} problems from {args.dataset} | "
+          f"{args.prompts_per_step} prompts x {args.group_size} samples per step | entropy bonus: {args.entropy}")
+
+    coef = args.entropy_coef if args.entropy != "none" else 0.0
+    G, B = args.group_size, args.prompts_per_step * args.group_size
+    bar = tqdm(range(args.steps), desc="steps", dynamic_ncols=True, disable=None)
+    for step in bar:
+        t0 = time.time()
+        # ---- rollout and reward --------------------------------------------------------------
+        idx = step_batches(len(problems), args.prompts_per_step, step, args.seed)
+        roll = rollout(model, tokenizer, [prompts[i] for i in idx], args, eos_ids)
+        golds = [problems[i]["gold"] for i in idx for _ in range(G)]
+        rewards = torch.tensor([grade(c, g) for c, g in zip(roll["completions"], golds)])  # [B]
+        adv = group_advantages(rewards, G, scale=args.scale_adv).to(device)  # [B]
+        mask = roll["mask"]  # [B, T]
+        if args.mask_truncated:
+            mask = mask * (~roll["truncated"])[:, None].long()
+        t_rollout = time.time() - t0
+
+        # ---- old (rollout-policy) and reference log-probs -------------------------------------
+        def log_probs(net, rows, grad=False):
+            with torch.set_grad_enabled(grad), autocast(device):
+                return token_stats(
+                    net, roll["input_ids"][rows], roll["attention_mask"][rows], mask[rows],
+                    args.temperature, args.drop_frac if args.entropy != "full" else 0.0, args.top_k, args.logits_chunk,
+                )
+
+        micro = [torch.arange(i, min(i + args.micro_batch_size, B)) for i in range(0, B, args.micro_batch_size)]
+        model.eval()
+        old_logp = torch.cat([log_probs(model, rows)[0] for rows in micro])  # [B, T]
+        ref_logp = torch.cat([log_probs(ref_model, rows)[0] for rows in micro]) if ref_model else None
+        model.train()
+
+        # ---- policy update: minibatches of whole groups, micro-batches inside ---------------------
+        sums = dict(loss=0.0, clip_frac=0.0, dual_clip_frac=0.0, approx_kl=0.0, kl=0.0, h_clamped=0.0, h_full=0.0)
+        tokens_seen, grad_norms = 0, []
+        mb_size = args.mini_batch_prompts * G
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(args.prompts_per_step)  # shuffle groups, keep each group together
+            rows_all = (order[:, None] * G + torch.arange(G)).view(-1)  # [B]
+            for m in range(0, B, mb_size):
+                mb = rows_all[m : m + mb_size]
+                n_tok = mask[mb].sum().clamp(min=1).item()
+                for rows in mb.split(args.micro_batch_size):
+                    if mask[rows].sum() == 0:  # every completion here was masked out (--mask-truncated)
+                        continue
+                    logp, h_clamped, h_full = log_probs(model, rows, grad=True)  # [b, T] each
+                    m_rows = mask[rows]
+                    loss, st = policy_loss(logp, old_logp[rows], adv[rows], m_rows, args.clip_low, args.clip_high, args.dual_clip)
+                    bonus = h_clamped if args.entropy == "clamped" else h_full  # [b, T]
+                    loss = loss - coef * masked_mean(bonus, m_rows)
+                    if ref_logp is not None:
+                        kl = masked_mean(kl_penalty(logp, ref_logp[rows]), m_rows)
+                        loss = loss + args.beta * kl
+                        sums["kl"] += kl.item() * m_rows.sum().item()
+                    w = m_rows.sum().item() / n_tok  # micro-batch token share: the minibatch loss is a token-mean
+                    (loss * w).backward()
+                    n = m_rows.sum().item()
+                    tokens_seen += n
+                    sums["loss"] += loss.item() * n
+                    for k in ("clip_frac", "dual_clip_frac", "approx_kl"):
+                        sums[k] += st[k] * n
+                    sums["h_clamped"] += (h_clamped * m_rows).sum().item()
+                    sums["h_full"] += (h_full * m_rows).sum().item()
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        means = {k: v / max(tokens_seen, 1) for k, v in sums.items()}
+
+        # ---- coefficient update ----------------------------------------------------------------
+        bonus_entropy = means["h_clamped"] if args.entropy == "clamped" else means["h_full"]
+        coef_used = coef
+        if args.entropy != "none" and args.adaptive_coef and step >= args.coef_warmup:
+            coef = update_entropy_coef(coef, bonus_entropy, args.h_low, args.h_high, args.coef_lr, args.coef_min, args.coef_max)
+
+        # ---- logging -------------------------------------------------------------------------
+        groups = rewards.view(-1, G)
+        metrics = {
+            "step": step + 1,
+            "reward": rewards.mean().item(),
+            "entropy_clamped": means["h_clamped"],
+            "entropy_full": means["h_full"],
+            "entropy_coef": coef_used,
+            "clip_frac": means["clip_frac"],
+            "dual_clip_frac": means["dual_clip_frac"],
+            "approx_kl": means["approx_kl"],
+            "kl_ref": means["kl"] if ref_model else None,
+            "loss": means["loss"],
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "response_len": roll["mask"].sum(1).float().mean().item(),
+            "truncated_frac": roll["truncated"].float().mean().item(),
+            "zero_var_frac": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+            "rollout_time": t_rollout,
+            "step_time": time.time() - t0,
+        }
+        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", H=f"{metrics['entropy_clamped']:.3f}", coef=f"{coef_used:.4g}")
+        tqdm.write(
+            f"step {step + 1:>4} | reward {metrics['reward']:.3f} | H~ {metrics['entropy_clamped']:.3f} "
+            f"H {metrics['entropy_full']:.3f} | coef {coef_used:.4g} | clip {metrics['clip_frac']:.3f} | "
+            f"len {metrics['response_len']:.0f} | {metrics['step_time']:.1f}s"
+        )
+        if args.sample_every and (step + 1) % args.sample_every == 0:
+            samples = [
+                {"step": step + 1, "prompt": prompts[idx[j // G]], "completion": roll["completions"][j],
+                 "gold": golds[j], "reward": rewards[j].item()}
+                for j in range(0, min(B, 3 * G), G)
+            ]
+            with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as f:
+                f.writelines(json.dumps(s) + "\n" for s in samples)
+            for s in samples[:2]:
+                tqdm.write(f"  sample (reward {s['reward']:.0f}, gold {s['gold']}): {s['completion'][:200]!r}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(model, tokenizer, os.path.join(args.out_dir, f"step_{step + 1:06d}"))
+
+    save_checkpoint(model, tokenizer, os.path.join(args.out_dir, "final"))
+    print(f"done: {args.steps} steps, final model in {os.path.join(args.out_dir, 'final')}")
+    return model
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

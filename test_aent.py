@@ -1,0 +1,425 @@
+"""The specification of aent.py, as tests. CPU only, offline: every model and data file is built here."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+import aent
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 references, written independently of aent.py (sorting, explicit loops)
+# ----------------------------------------------------------------------------------------------
+def ref_clamped_entropy(logits, k):
+    """Entropy of the softmax over the k largest logits of each row, float64, via a full sort."""
+    x = logits.double().reshape(-1, logits.size(-1))
+    out = []
+    for row in x:
+        kept = row.sort(descending=True).values[:k]
+        p = torch.exp(kept - torch.logsumexp(kept, 0))
+        out.append(-(p * p.log()).sum())
+    return torch.stack(out).reshape(logits.shape[:-1])
+
+
+def ref_policy_loss(logp, old_logp, adv, mask, cl, ch, c):
+    total, count = 0.0, 0.0
+    for b in range(logp.size(0)):
+        for t in range(logp.size(1)):
+            if mask[b, t]:
+                r = math.exp(logp[b, t].item() - old_logp[b, t].item())
+                a = adv[b].item()
+                loss = max(-a * r, -a * min(max(r, 1 - cl), 1 + ch))
+                if a < 0:
+                    loss = min(loss, -c * a)
+                total += loss
+                count += 1
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = aent.build_tiny(seed=0)
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# clamped entropy
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("drop_frac", [0.0, 0.1, 0.33, 0.5, 0.9])
+def test_clamped_entropy_matches_float64_reference_when_dropping_a_fraction(drop_frac):
+    logits = torch.randn(3, 5, 257) * 3
+    V = logits.size(-1)
+    expected = ref_clamped_entropy(logits, V - int(drop_frac * V))
+    torch.testing.assert_close(aent.clamped_entropy(logits, drop_frac).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 17, 256])
+def test_clamped_entropy_matches_float64_reference_when_keeping_top_k(top_k):
+    logits = torch.randn(4, 256) * 2
+    expected = ref_clamped_entropy(logits, top_k)
+    torch.testing.assert_close(aent.clamped_entropy(logits, top_k=top_k).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_clamped_entropy_equals_full_entropy_when_nothing_is_dropped():
+    logits = torch.randn(6, 100)
+    full = torch.distributions.Categorical(logits=logits.double()).entropy()
+    torch.testing.assert_close(aent.clamped_entropy(logits).double(), full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aent.clamped_entropy(logits, top_k=100).double(), full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aent.clamped_entropy(logits, top_k=10_000).double(), full, rtol=1e-5, atol=1e-6)
+
+
+def test_clamped_entropy_of_uniform_logits_is_log_of_kept_count():
+    logits = torch.zeros(2, 1000)
+    torch.testing.assert_close(aent.clamped_entropy(logits, 0.33), torch.full((2,), math.log(670)))
+
+
+def test_clamped_entropy_with_drop_frac_near_one_keeps_one_token_and_is_zero():
+    logits = torch.randn(3, 50)
+    assert aent.clamped_entropy(logits, drop_frac=0.999).abs().max() < 1e-6  # keeps 50 - 49 = 1 token
+
+
+def test_clamped_entropy_rejects_a_setting_that_keeps_no_token():
+    with pytest.raises(ValueError):
+        aent.clamped_entropy(torch.randn(2, 10), drop_frac=1.0)
+    with pytest.raises(ValueError):
+        aent.clamped_entropy(torch.randn(2, 10), top_k=0)
+
+
+def test_clamped_entropy_gradient_reaches_only_kept_logits_and_matches_float64():
+    logits = (torch.randn(4, 40) * 2).requires_grad_()
+    aent.clamped_entropy(logits, drop_frac=0.5).sum().backward()
+    kept = logits.detach().topk(20, dim=-1).indices
+    dropped_mask = torch.ones_like(logits, dtype=torch.bool).scatter(-1, kept, False)
+    assert (logits.grad[dropped_mask] == 0).all()
+    assert (logits.grad.gather(-1, kept) != 0).all()
+
+    # dH/dz_i = -p_i (log p_i + H) over the kept set, p renormalised there; 0 elsewhere
+    z = logits.detach().double().masked_fill(dropped_mask, float("-inf"))
+    p = z.softmax(-1)
+    logp = torch.where(dropped_mask, 0.0, z.log_softmax(-1))
+    H = -(p * logp).sum(-1, keepdim=True)
+    torch.testing.assert_close(logits.grad.double(), -p * (logp + H), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# group advantages
+# ----------------------------------------------------------------------------------------------
+def test_group_advantages_match_float64_reference():
+    G = 8
+    rewards = torch.rand(5 * G)
+    adv = aent.group_advantages(rewards, G)
+    for g in range(5):
+        r = rewards[g * G : (g + 1) * G].double()
+        mean = r.sum() / G
+        std = math.sqrt(((r - mean) ** 2).sum() / (G - 1))
+        torch.testing.assert_close(adv[g * G : (g + 1) * G].double(), (r - mean) / (std + 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_group_advantages_of_a_zero_variance_group_are_zero():
+    rewards = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0])
+    adv = aent.group_advantages(rewards, 4)
+    assert (adv[:8] == 0).all()
+    torch.testing.assert_close(adv[8:], torch.tensor([1.5, -0.5, -0.5, -0.5]), rtol=1e-4, atol=1e-4)
+
+
+def test_group_advantages_without_scaling_only_subtract_the_group_mean():
+    rewards = torch.tensor([1.0, 0, 0, 0, 2, 2, 0, 0])
+    torch.testing.assert_close(aent.group_advantages(rewards, 4, scale=False), torch.tensor([0.75, -0.25, -0.25, -0.25, 1, 1, -1, -1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# entropy coefficient
+# ----------------------------------------------------------------------------------------------
+def test_entropy_coef_rises_below_the_band_falls_above_it_and_holds_inside():
+    kw = dict(h_low=0.15, h_high=0.24, lr=0.002, coef_min=0.0006, coef_max=0.009)
+    assert aent.update_entropy_coef(0.002, 0.10, **kw) == pytest.approx(0.002 + 0.002 * 0.05)
+    assert aent.update_entropy_coef(0.002, 0.34, **kw) == pytest.approx(0.002 - 0.002 * 0.10)
+    assert aent.update_entropy_coef(0.002, 0.20, **kw) == 0.002
+
+
+def test_entropy_coef_is_clipped_to_its_bounds():
+    kw = dict(h_low=0.15, h_high=0.24, lr=1.0, coef_min=0.0006, coef_max=0.009)
+    assert aent.update_entropy_coef(0.002, 0.0, **kw) == 0.009
+    assert aent.update_entropy_coef(0.002, 5.0, **kw) == 0.0006
+
+
+def test_entropy_coef_update_matches_the_rule_on_random_inputs():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        coef, h, lo, width, lr = torch.rand(5, generator=g, dtype=torch.float64).tolist()
+        hi = lo + width
+        step = (h - lo if h < lo else 0.0) + (h - hi if h > hi else 0.0)
+        expected = min(max(coef - lr * step, 0.1), 0.9)
+        assert aent.update_entropy_coef(coef, h, lo, hi, lr, 0.1, 0.9) == pytest.approx(expected, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# policy loss
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("clip", [(0.2, 0.2, 3.0), (0.2, 0.28, 3.0), (0.1, 0.3, 1.5)])
+def test_policy_loss_matches_float64_reference(clip):
+    torch.manual_seed(7)
+    B, T = 8, 12
+    old = torch.randn(B, T) - 2
+    logp = old + torch.randn(B, T) * 1.5  # ratios well outside the clip range and beyond c too
+    adv = torch.randn(B) * 2
+    mask = (torch.rand(B, T) > 0.3).long()
+    loss, stats = aent.policy_loss(logp, old, adv, mask, *clip)
+    assert loss.item() == pytest.approx(ref_policy_loss(logp, old, adv, mask, *clip), rel=1e-5, abs=1e-6)
+    assert 0 < stats["clip_frac"] < 1 and 0 < stats["dual_clip_frac"] < 1
+
+
+def test_policy_loss_is_a_token_mean_not_a_mean_of_sequence_means():
+    logp = torch.zeros(2, 4, requires_grad=True)
+    adv = torch.tensor([1.0, 1.0])
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
+    loss, _ = aent.policy_loss(logp, logp.detach(), adv, mask)
+    loss.backward()
+    assert torch.allclose(logp.grad[mask.bool()], torch.full((5,), -1 / 5))  # every token weighs 1/5
+
+
+def test_policy_loss_dual_clip_caps_the_loss_for_negative_advantages():
+    logp = torch.tensor([[math.log(10.0)]])  # ratio 10
+    loss, stats = aent.policy_loss(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), dual_clip=3.0)
+    assert loss.item() == pytest.approx(3.0) and stats["dual_clip_frac"] == 1.0
+
+
+def test_policy_loss_with_no_tokens_is_zero_not_nan():
+    loss, _ = aent.policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3))
+    assert loss.item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# completion mask
+# ----------------------------------------------------------------------------------------------
+def test_completion_mask_keeps_the_first_eos_when_pad_equals_eos():
+    EOS = 0  # the tiny tokenizer's pad id is its EOS id
+    ids = torch.tensor([[5, 9, EOS, EOS, EOS], [EOS, EOS, EOS, EOS, EOS], [3, 4, 5, 6, 7], [3, 4, 5, 6, EOS]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert torch.equal(aent.completion_mask(ids, [EOS]), expected)
+
+
+def test_completion_mask_stops_at_whichever_eos_id_comes_first():
+    ids = torch.tensor([[5, 7, 6, 8, 2], [5, 6, 7, 7, 2]])
+    assert torch.equal(aent.completion_mask(ids, [6, 7]), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]))
+
+
+# ----------------------------------------------------------------------------------------------
+# answers and grading
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("so the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+        ("\\boxed{3} then \\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),
+        ("she pays 1,600 dollars", "1,600"),
+        ("first 3, then -4.5", "-4.5"),
+        ("3/4 of it", "3/4"),
+        ("no number here", None),
+        ("unclosed \\boxed{12", "12"),
+    ],
+)
+def test_extract_answer_takes_the_last_boxed_else_the_last_number(text, answer):
+    assert aent.extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    "completion, gold",
+    [
+        ("\\boxed{0.5}", "\\frac{1}{2}"),
+        ("\\boxed{\\dfrac{1}{2}}", "\\frac12"),
+        ("\\boxed{x = 3}", "3"),
+        ("so 1,600 in total", "1600"),
+        ("\\boxed{10\\text{ cm}}", "10"),
+        ("\\boxed{(1, 2]}", "(1,2]"),
+        ("\\boxed{30^\\circ}", "30"),
+        ("The answer is 7", "7"),
+    ],
+)
+def test_grade_accepts_equivalent_answers(completion, gold):
+    assert aent.grade(completion, gold) == 1.0
+
+
+@pytest.mark.parametrize(
+    "completion, gold",
+    [("\\boxed{4}", "5"), ("\\boxed{0.33}", "\\frac13"), ("\\boxed{(2,1)}", "(1,2)"), ("\\boxed{7}", "-7"), ("no answer", "3"), ("\\boxed{\\frac{", "3")],
+)
+def test_grade_rejects_different_or_malformed_answers(completion, gold):
+    assert aent.grade(completion, gold) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# data and prompt
+# ----------------------------------------------------------------------------------------------
+def test_problem_from_row_reads_gsm8k_math_and_plain_answer_rows():
+    assert aent.problem_from_row({"question": "q", "answer": "work\n#### 1,600"}) == {"question": "q", "gold": "1600"}
+    assert aent.problem_from_row({"problem": "p", "solution": "so \\boxed{\\frac{1}{2}}."}) == {"question": "p", "gold": "\\frac{1}{2}"}
+    assert aent.problem_from_row({"problem": "p", "answer": 27.0}) == {"question": "p", "gold": "27.0"}
+    assert aent.problem_from_row({"problem": "p", "solution": "no box"}) is None
+    assert aent.problem_from_row({"answer": "3"}) is None
+
+
+def test_prompt_uses_the_chat_template_with_the_system_prompt_when_there_is_one(tiny):
+    _, tokenizer = tiny
+    assert aent.build_prompt(tokenizer, "What is 1 + 1?") == "Question: What is 1 + 1?\nAnswer:"
+    tokenizer = aent.build_tiny()[1]
+    tokenizer.chat_template = (  # Qwen2.5's ChatML, shortened
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    prompt = aent.build_prompt(tokenizer, "What is 1 + 1?")
+    assert prompt.startswith("<|im_start|>system\n" + aent.SYSTEM_PROMPT) and prompt.endswith("<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probs, entropies and rollout on the tiny model
+# ----------------------------------------------------------------------------------------------
+def test_token_stats_reproduce_generates_own_scores_under_left_padding(tiny):
+    from transformers import GenerationConfig
+
+    model, tokenizer = tiny
+    enc = tokenizer(["Question: What is 3 + 4?\nAnswer:", "Hi\nAnswer:"], return_tensors="pt", padding=True)
+    gen = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6, eos_token_id=[0],
+                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    torch.manual_seed(0)
+    out = model.generate(**enc, generation_config=gen)
+    completion = out.sequences[:, enc.input_ids.size(1) :]  # [2, 6]
+    mask = aent.completion_mask(completion, [0])
+    expected = (torch.stack(out.logits, 1).float() / 0.7).log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
+    with torch.no_grad():
+        logp, _, _ = aent.token_stats(model, out.sequences, torch.cat([enc.attention_mask, mask], 1), mask, temperature=0.7)
+    torch.testing.assert_close(logp, expected * mask, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_token_stats_and_their_gradients_match_a_float64_full_logits_reference(tiny):
+    model, _ = tiny
+    torch.manual_seed(3)
+    B, P, T, V = 3, 5, 7, model.config.vocab_size
+    input_ids = torch.randint(3, V, (B, P + T))
+    attention_mask = torch.ones(B, P + T, dtype=torch.long)
+    attention_mask[0, :2] = 0  # a left-padded prompt
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 4:] = 0  # a completion that ended early
+    attention_mask[:, P:] = mask
+    w = torch.randn(3, B, T)
+
+    model32 = model.train()
+    logp, hc, hf = aent.token_stats(model32, input_ids, attention_mask, mask, temperature=0.8, drop_frac=0.33, chunk=4)
+    ((w[0] * logp + w[1] * hc + w[2] * hf) * mask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model32.named_parameters()}
+    model32.zero_grad()
+
+    model64 = aent.build_tiny(seed=0)[0].double().train()
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model64(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, P - 1 : -1] / 0.8
+    ref_logp = logits.log_softmax(-1).gather(-1, input_ids[:, P:, None]).squeeze(-1)
+    ref_hf = torch.distributions.Categorical(logits=logits).entropy()
+    kept = logits.topk(V - int(0.33 * V), dim=-1).values
+    ref_hc = torch.distributions.Categorical(logits=kept).entropy()
+    ((w[0] * ref_logp + w[1] * ref_hc + w[2] * ref_hf) * mask).sum().backward()
+
+    for got, ref in [(logp, ref_logp), (hc, ref_hc), (hf, ref_hf)]:
+        torch.testing.assert_close(got.double(), ref.detach() * mask, rtol=1e-4, atol=1e-4)
+    for name, p in model64.named_parameters():
+        torch.testing.assert_close(grads[name].double(), p.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_rollout_samples_groups_and_ignores_the_checkpoints_generation_config(tiny):
+    model, tokenizer = tiny
+    model.generation_config.do_sample = False  # a checkpoint asking for greedy decoding
+    model.generation_config.top_k = 1
+    args = aent.Args(group_size=8, max_new_tokens=5, rollout_batch_size=5)
+    torch.manual_seed(0)
+    roll = aent.rollout(model, tokenizer, ["Question: a\nAnswer:", "Question: bb\nAnswer:"], args, eos_ids=[0])
+    assert roll["input_ids"].shape[0] == 16 and roll["mask"].shape == (16, 5)
+    assert len(set(roll["completions"][:8])) > 1  # sampled, not greedy
+    assert torch.equal(roll["attention_mask"][:, -5:], roll["mask"])
+
+
+def test_stop_token_ids_include_qwen_end_tokens(tiny):
+    model, tokenizer = tiny
+    ids = aent.stop_token_ids(model, tokenizer)
+    assert set(ids) == {tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")}
+
+
+# ----------------------------------------------------------------------------------------------
+# command line and the whole loop
+# ----------------------------------------------------------------------------------------------
+def test_help_explains_every_field():
+    out = subprocess.run([sys.executable, "aent.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    for f in aent.dataclasses.fields(aent.Args):
+        assert "--" + f.name.replace("_", "-") in out
+        assert f.metadata["help"].split()[0] in out
+
+
+def test_tiny_model_takes_demo_defaults_only_for_flags_not_given():
+    args = aent.parse_args(["--model", "tiny", "--lr", "0.5"])
+    assert args.lr == 0.5 and args.dataset == "toy" and args.steps == aent.TINY_DEMO["steps"]
+    assert aent.parse_args(["--model", "x"]).lr == 2e-6
+    assert aent.parse_args(["--no-adaptive-coef"]).adaptive_coef is False
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [(["--group-size", "1"], "group-size"), (["--drop-frac", "1.0"], "drop-frac"), (["--top-k", "0"], "top-k"), (["--dataset", "nope.txt"], "unknown dataset")],
+)
+def test_bad_configuration_is_one_line_error(tmp_path, flags, words):
+    cmd = [sys.executable, "aent.py", "--model", "tiny", "--out-dir", str(tmp_path / "run"), *flags]
+    res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and words in last and "Traceback" not in res.stderr
+
+
+def test_one_training_step_end_to_end_writes_metrics_and_a_loadable_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    args = aent.parse_args(["--model", "tiny", "--steps", "2", "--out-dir", str(out), "--sample-every", "1", "--mask-truncated", "--beta", "0.01"])
+    before = aent.build_tiny(seed=0)[0].state_dict()
+    model = aent.train(args)
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2]
+    for key in ["reward", "entropy_clamped", "entropy_full", "entropy_coef", "clip_frac", "response_len", "step_time", "truncated_frac", "zero_var_frac"]:
+        assert all(math.isfinite(m[key]) for m in lines), key
+    assert lines[0]["entropy_clamped"] < lines[0]["entropy_full"]
+    assert (out / "samples.jsonl").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert any(not torch.equal(before[k], v) for k, v in loaded.state_dict().items() if k in before)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k])
+
+
+def test_a_saved_model_directory_trains_on_a_gsm8k_format_jsonl(tmp_path):
+    model, tokenizer = aent.build_tiny(seed=1)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many?", "answer": f"{a} + {b} = {a + b}\n#### {a + b:,}"} for a in range(4) for b in range(900, 1300, 100)]
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    cmd = [sys.executable, "aent.py", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "train.jsonl"),
+           "--out-dir", str(tmp_path / "run"), "--steps", "1", "--prompts-per-step", "4", "--group-size", "2",
+           "--mini-batch-prompts", "2", "--max-new-tokens", "8", "--max-prompt-tokens", "128", "--lr", "1e-4"]
+    res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["step"] == 1
+    assert os.path.isfile(tmp_path / "run" / "final" / "config.json")
+
+
+def test_cpu_demo_learns_its_toy_task(tmp_path):
+    """The README's demo, as run there: mean reward over the last 10 steps >= first 10 + 0.3."""
+    aent.train(aent.parse_args(["--model", "tiny", "--out-dir", str(tmp_path / "demo")]))
+    rewards = [json.loads(line)["reward"] for line in open(tmp_path / "demo" / "metrics.jsonl")]
+    assert len(rewards) == aent.TINY_DEMO["steps"]
+    assert sum(rewards[-10:]) / 10 >= sum(rewards[:10]) / 10 + 0.3
