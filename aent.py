@@ -78,7 +78,7 @@ class Args:
     # entropy bonus
     entropy: str = arg("clamped", "entropy bonus: none (GRPO), full (whole vocabulary), clamped (AEnt)", choices=("none", "full", "clamped"))
     drop_frac: float = arg(0.33, "clamped entropy: fraction p of the vocabulary dropped, lowest logits first")
-    top_k: Optional[int] = arg(None, "clamped entropy: keep this many highest logits instead of using drop_frac")
+    top_k: Optional[int] = arg(None, "clamped entropy: keep this many highest logits (overrides --drop-frac)")
     entropy_coef: float = arg(0.002, "initial entropy coefficient lambda_0")
     adaptive_coef: bool = arg(True, "adapt lambda to keep the bonus entropy in [h_low, h_high]; --no-adaptive-coef keeps it fixed")
     h_low: float = arg(0.15, "lower edge of the target entropy band (on the bonus entropy's scale)")
@@ -121,17 +121,20 @@ def parse_args(argv=None) -> Args:
 def check_args(args: Args):
     """Reject impossible configurations before any long work starts."""
     problems = []
+    for name in ("steps", "prompts_per_step", "mini_batch_prompts", "micro_batch_size", "rollout_batch_size", "logits_chunk", "max_new_tokens", "ppo_epochs"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if args.group_size < 2:
         problems.append("--group-size must be at least 2 (group advantages need a group)")
     if not 0.0 <= args.drop_frac < 1.0:
         problems.append("--drop-frac must be in [0, 1)")
     if args.top_k is not None and args.top_k < 1:
         problems.append("--top-k must be positive")
-    if args.prompts_per_step % args.mini_batch_prompts:
+    if args.mini_batch_prompts >= 1 and args.prompts_per_step % args.mini_batch_prompts:
         problems.append("--prompts-per-step must be a multiple of --mini-batch-prompts")
     if args.temperature <= 0:
         problems.append("--temperature must be positive for sampling")
-    if args.adaptive_coef and not args.coef_min <= args.entropy_coef <= args.coef_max:
+    if args.entropy != "none" and args.adaptive_coef and not args.coef_min <= args.entropy_coef <= args.coef_max:
         problems.append("--entropy-coef must lie in [--coef-min, --coef-max]")
     if args.h_low > args.h_high:
         problems.append("--h-low must not exceed --h-high")
@@ -220,10 +223,12 @@ NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+/\d+|-?\d+(?:\.\d+)?|-
 
 
 def extract_answer(text: str) -> Optional[str]:
-    """The final answer: the last \\boxed{...}, else the last number. 'so 3/4, i.e. 0.75' -> '0.75'."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
+    """The final answer: the last \\boxed{...}, else the last number. 'so 3/4, i.e. 0.75' -> '0.75'.
+
+    A completion whose last box is unclosed (cut off mid-answer) has no answer.
+    """
+    if "\\boxed{" in text or "\\fbox{" in text:
+        return last_boxed(text)  # None if the last box is unclosed (a truncated answer)
     numbers = NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -343,18 +348,24 @@ def rollout(model, tokenizer, prompts: list[str], args: Args, eos_ids: list[int]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids = enc.input_ids.repeat_interleave(args.group_size, 0)  # [B, P]
     prompt_attn = enc.attention_mask.repeat_interleave(args.group_size, 0)  # [B, P]
-    was_training = model.training
+    # generate fills every field left unset (repetition_penalty, min_new_tokens, ...) from
+    # model.generation_config, so that is swapped for ours while sampling.
+    saved_config, was_training = model.generation_config, model.training
+    model.generation_config = gen
     model.eval()  # gradient checkpointing is only active in train mode, so the KV cache is used here
     chunks = []
-    for i in range(0, len(prompt_ids), args.rollout_batch_size):
-        with autocast(device):
-            out = model.generate(
-                input_ids=prompt_ids[i : i + args.rollout_batch_size],
-                attention_mask=prompt_attn[i : i + args.rollout_batch_size],
-                generation_config=gen,
-            )
-        chunks.append(out[:, prompt_ids.size(1) :])  # [b, T_i]
-    model.train(was_training)
+    try:
+        for i in range(0, len(prompt_ids), args.rollout_batch_size):
+            with autocast(device):
+                out = model.generate(
+                    input_ids=prompt_ids[i : i + args.rollout_batch_size],
+                    attention_mask=prompt_attn[i : i + args.rollout_batch_size],
+                    generation_config=gen,
+                )
+            chunks.append(out[:, prompt_ids.size(1) :])  # [b, T_i]
+    finally:
+        model.generation_config = saved_config
+        model.train(was_training)
     T = max(c.size(1) for c in chunks)
     completion_ids = torch.cat([F.pad(c, (0, T - c.size(1)), value=tokenizer.pad_token_id) for c in chunks])  # [B, T]
     mask = completion_mask(completion_ids, eos_ids)  # [B, T]
@@ -404,7 +415,8 @@ def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optiona
 
 
 def _chunk_stats(hidden, targets, head, temperature, drop_frac, top_k):
-    logits = head(hidden).float() / temperature  # [C, V] fp32
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, also under bf16 autocast
+        logits = head(hidden.float()) / temperature  # [C, V]
     logp_all = logits.log_softmax(-1)  # [C, V]
     logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # [C]
     h_full = -(logp_all.exp() * logp_all).sum(-1)  # [C]
@@ -616,7 +628,7 @@ def train(args: Args):
         # ---- coefficient update ----------------------------------------------------------------
         bonus_entropy = means["h_clamped"] if args.entropy == "clamped" else means["h_full"]
         coef_used = coef
-        if args.entropy != "none" and args.adaptive_coef and step >= args.coef_warmup:
+        if args.entropy != "none" and args.adaptive_coef and step + 1 >= args.coef_warmup:
             coef = update_entropy_coef(coef, bonus_entropy, args.h_low, args.h_high, args.coef_lr, args.coef_min, args.coef_max)
 
         # ---- logging -------------------------------------------------------------------------

@@ -227,7 +227,8 @@ def test_completion_mask_stops_at_whichever_eos_id_comes_first():
         ("first 3, then -4.5", "-4.5"),
         ("3/4 of it", "3/4"),
         ("no number here", None),
-        ("unclosed \\boxed{12", "12"),
+        ("cut off in \\boxed{12", None),
+        ("\\boxed{3} and then 4", "3"),
     ],
 )
 def test_extract_answer_takes_the_last_boxed_else_the_last_number(text, answer):
@@ -347,6 +348,20 @@ def test_rollout_samples_groups_and_ignores_the_checkpoints_generation_config(ti
     assert torch.equal(roll["attention_mask"][:, -5:], roll["mask"])
 
 
+def test_rollout_ignores_every_other_sampling_field_of_the_checkpoint(tiny):
+    model, tokenizer = tiny
+    model.generation_config.no_repeat_ngram_size = 1  # would forbid any repeated token, prompt included
+    model.generation_config.repetition_penalty = 100.0
+    model.generation_config.min_new_tokens = 20
+    args = aent.Args(group_size=16, max_new_tokens=20)
+    torch.manual_seed(0)
+    roll = aent.rollout(model, tokenizer, ["Question: a\nAnswer:"], args, eos_ids=[0])
+    prompt = set(roll["input_ids"][0, : -20].tolist())
+    completions = roll["input_ids"][:, -20:][roll["mask"].bool()].tolist()
+    assert prompt & set(completions)  # tokens from the prompt do get sampled
+    assert model.generation_config.no_repeat_ngram_size == 1  # the model's own config is restored
+
+
 def test_stop_token_ids_include_qwen_end_tokens(tiny):
     model, tokenizer = tiny
     ids = aent.stop_token_ids(model, tokenizer)
@@ -372,7 +387,7 @@ def test_tiny_model_takes_demo_defaults_only_for_flags_not_given():
 
 @pytest.mark.parametrize(
     "flags, words",
-    [(["--group-size", "1"], "group-size"), (["--drop-frac", "1.0"], "drop-frac"), (["--top-k", "0"], "top-k"), (["--dataset", "nope.txt"], "unknown dataset")],
+    [(["--group-size", "1"], "group-size"), (["--drop-frac", "1.0"], "drop-frac"), (["--top-k", "0"], "top-k"), (["--micro-batch-size", "0"], "micro-batch-size"), (["--mini-batch-prompts", "0"], "mini-batch-prompts"), (["--dataset", "nope.txt"], "unknown dataset")],
 )
 def test_bad_configuration_is_one_line_error(tmp_path, flags, words):
     cmd = [sys.executable, "aent.py", "--model", "tiny", "--out-dir", str(tmp_path / "run"), *flags]
@@ -380,6 +395,13 @@ def test_bad_configuration_is_one_line_error(tmp_path, flags, words):
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and words in last and "Traceback" not in res.stderr
+
+
+def test_entropy_coef_stays_at_its_initial_value_for_exactly_the_warmup_steps(tmp_path):
+    args = aent.parse_args(["--model", "tiny", "--steps", "3", "--coef-warmup", "2", "--out-dir", str(tmp_path / "run")])
+    aent.train(args)
+    coefs = [json.loads(line)["entropy_coef"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert coefs[:2] == [args.entropy_coef] * 2 and coefs[2] != args.entropy_coef  # entropy starts far above the band
 
 
 def test_one_training_step_end_to_end_writes_metrics_and_a_loadable_checkpoint(tmp_path):
