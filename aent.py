@@ -49,7 +49,7 @@ def arg(default, help, **kw):
 class Args:
     # model and data
     model: str = arg("Qwen/Qwen2.5-Math-1.5B", "hub id, local directory, or 'tiny' (a small random Qwen2 for the offline CPU demo)")
-    dataset: str = arg("math", "'gsm8k', 'math', 'toy' (offline: repeat a digit), or a local .jsonl/.parquet file")
+    dataset: str = arg("math", "'gsm8k', 'math', 'math500', 'toy' (offline: repeat a digit), or a local .jsonl/.parquet file")
     split: str = arg("train", "dataset split to train on (hub datasets only)")
     out_dir: str = arg("runs/aent", "directory for metrics.jsonl, samples.jsonl and checkpoints")
     seed: int = arg(0, "random seed for data order, sampling and the tiny model's weights")
@@ -92,6 +92,8 @@ class Args:
     grad_checkpointing: bool = arg(True, "recompute activations in the backward pass (the training pass only, never in generate)")
     save_every: int = arg(50, "save a checkpoint every this many steps (0: only at the end)")
     sample_every: int = arg(10, "print and store a few sample completions every this many steps")
+    eval_every: int = arg(0, "score the held-out problems every this many steps, greedy, as eval.py does (0: never)")
+    eval_size: int = arg(64, "problems held out of the training data for --eval-every")
 
 
 # The CPU demo: a task and sizes where a randomly initialised model learns within minutes.
@@ -124,6 +126,8 @@ def check_args(args: Args):
     for name in ("steps", "prompts_per_step", "mini_batch_prompts", "micro_batch_size", "rollout_batch_size", "logits_chunk", "max_new_tokens", "ppo_epochs"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eval_every < 0 or (args.eval_every and args.eval_size < 1):
+        problems.append("--eval-every must be >= 0, and --eval-size >= 1 when it is set")
     if args.group_size < 2:
         problems.append("--group-size must be at least 2 (group advantages need a group)")
     if not 0.0 <= args.drop_frac < 1.0:
@@ -146,7 +150,11 @@ def check_args(args: Args):
 # 2. Data and prompt
 # ----------------------------------------------------------------------------------------------
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-HUB_DATASETS = {"gsm8k": ("openai/gsm8k", "main"), "math": ("DigitalLearningGmbH/MATH-lighteval", None)}
+HUB_DATASETS = {  # name: (hub id, config); --split picks train or test
+    "gsm8k": ("openai/gsm8k", "main"),
+    "math": ("DigitalLearningGmbH/MATH-lighteval", None),
+    "math500": ("HuggingFaceH4/MATH-500", None),
+}
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -186,23 +194,64 @@ def toy_problems() -> list[dict]:
     return [{"question": f"Repeat {d}", "gold": str(d)} for d in range(10)]
 
 
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, row) for every non-blank line of a .jsonl file; a bad line is a one-line error."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError("not a JSON object")
+                    rows.append((n, row))
+    except OSError as e:
+        sys.exit(f"error: cannot read {path}: {e.strerror}")
+    except (ValueError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {path} line {n}: not a JSON object ({e})")
+    return rows
+
+
 def load_problems(dataset: str, split: str = "train") -> list[dict]:
-    """Problems from a hub dataset by name, a local .jsonl/.parquet file, or the toy task."""
+    """Problems {'question', 'gold'[, 'level', 'subject']} from a hub dataset by name, a local
+    .jsonl/.parquet file, or the toy task. A hub row without question or gold is skipped; in a
+    local file it is an error that names the line."""
     if dataset == "toy":
         return toy_problems()
     import datasets
 
     datasets.disable_progress_bars()
+    local = dataset.endswith((".jsonl", ".parquet"))
     if dataset in HUB_DATASETS:
-        rows = datasets.load_dataset(*HUB_DATASETS[dataset], split=split)
-    elif dataset.endswith((".jsonl", ".json", ".parquet")):
-        if not os.path.isfile(dataset):
-            sys.exit(f"error: dataset file {dataset} not found")
-        kind = "parquet" if dataset.endswith(".parquet") else "json"
-        rows = datasets.load_dataset(kind, data_files=dataset, split="train")
+        name, config = HUB_DATASETS[dataset]
+        try:
+            rows = list(enumerate(datasets.load_dataset(name, config, split=split), 1))
+        except Exception as e:  # offline, unknown split, ...: the library raises many kinds
+            sys.exit(f"error: cannot load {name} (split {split!r}) from the hub: {str(e).splitlines()[0]}")
+    elif local and not os.path.isfile(dataset):
+        sys.exit(f"error: dataset file {dataset} not found")
+    elif dataset.endswith(".jsonl"):
+        rows = read_jsonl(dataset)
+    elif dataset.endswith(".parquet"):
+        try:
+            rows = list(enumerate(datasets.load_dataset("parquet", data_files=dataset, split="train"), 1))
+        except Exception as e:
+            sys.exit(f"error: cannot read {dataset} as parquet: {str(e).splitlines()[0]}")
     else:
-        sys.exit(f"error: unknown dataset {dataset!r}: use gsm8k, math, toy, or a .jsonl/.parquet path")
-    problems = [p for p in map(problem_from_row, rows) if p is not None]
+        sys.exit(f"error: unknown dataset {dataset!r}: use {', '.join(HUB_DATASETS)}, toy, or a .jsonl/.parquet path")
+    problems = []
+    for n, row in rows:
+        problem = problem_from_row(row)
+        if problem is None and local:
+            where = "line" if dataset.endswith(".jsonl") else "row"
+            sys.exit(f"error: {dataset} {where} {n}: needs a question/problem and a gold answer (answer, or \\boxed{{}} in solution)")
+        if problem is not None:
+            level, subject = row.get("level"), row.get("subject") or row.get("type")
+            if level is not None:
+                problem["level"] = f"Level {level}" if isinstance(level, int) else str(level)
+            if subject:
+                problem["subject"] = str(subject)
+            problems.append(problem)
     if not problems:
         sys.exit(f"error: {dataset} has no rows with a question/problem and an answer/solution field")
     return problems
@@ -282,23 +331,28 @@ def build_tiny(seed: int = 0):
     return Qwen2ForCausalLM(config), tokenizer
 
 
-def load_model(name: str, device: torch.device, seed: int = 0):
-    """(model, tokenizer) from the hub, a local directory, or 'tiny'. Weights stay fp32: on GPU the
-    passes run under bf16 autocast, because bf16 weights would round away 1e-6-sized updates."""
+def load_model(name: str, device: torch.device, seed: int = 0, dtype=torch.float32):
+    """(model, tokenizer) from the hub, a local directory, or 'tiny'. Training keeps fp32 weights:
+    on GPU the passes run under bf16 autocast, because bf16 weights would round away 1e-6-sized
+    updates. Evaluation may load bf16 weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == "tiny":
         model, tokenizer = build_tiny(seed)
     else:
+        if os.path.isdir(name) and not any(
+            os.path.exists(os.path.join(name, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        ):
+            sys.exit(f"error: {name} has no tokenizer (tokenizer.json / tokenizer_config.json); save the tokenizer beside the model")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except OSError as e:
             sys.exit(f"error: cannot load model {name!r} (not a local directory, or not reachable on the hub): {str(e).splitlines()[0]}")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return model.to(device=device, dtype=dtype), tokenizer
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -330,24 +384,31 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids) -> torch.Tensor:
     return (eos_before == 0).long()
 
 
-@torch.no_grad()
-def rollout(model, tokenizer, prompts: list[str], args: Args, eos_ids: list[int]) -> dict:
-    """Sample group_size completions per prompt; groups are contiguous rows.
-
-    Returns input_ids [B, P+T] (prompt left-padded, completion right-padded), attention_mask
-    [B, P+T], mask [B, T] over completion tokens, and the decoded completions (B = prompts * G).
-    """
+def generation_config(tokenizer, eos_ids, max_new_tokens, temperature=1.0, top_p=1.0):
+    """Every sampling field explicit, so the checkpoint's generation_config changes none of them.
+    temperature 0 is greedy decoding."""
     from transformers import GenerationConfig
 
-    # Every sampling field explicit: the checkpoint's generation_config must not change them.
-    gen = GenerationConfig(
-        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,
-        eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    sample = temperature > 0
+    return GenerationConfig(
+        do_sample=sample, temperature=temperature if sample else 1.0, top_p=top_p if sample else 1.0, top_k=0 if sample else None,
+        max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[str], gen, group_size: int = 1, batch_size: int = 128) -> dict:
+    """Sample group_size completions per prompt with `generate`; groups are contiguous rows.
+
+    Returns input_ids [B, P+T] (prompt left-padded, completion right-padded), attention_mask
+    [B, P+T], mask [B, T] over completion tokens, truncated [B], and the decoded completions
+    (B = prompts * group_size). `gen` comes from `generation_config`.
+    """
+    eos_ids = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    prompt_ids = enc.input_ids.repeat_interleave(args.group_size, 0)  # [B, P]
-    prompt_attn = enc.attention_mask.repeat_interleave(args.group_size, 0)  # [B, P]
+    prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)  # [B, P]
+    prompt_attn = enc.attention_mask.repeat_interleave(group_size, 0)  # [B, P]
     # generate fills every field left unset (repetition_penalty, min_new_tokens, ...) from
     # model.generation_config, so that is swapped for ours while sampling.
     saved_config, was_training = model.generation_config, model.training
@@ -355,12 +416,10 @@ def rollout(model, tokenizer, prompts: list[str], args: Args, eos_ids: list[int]
     model.eval()  # gradient checkpointing is only active in train mode, so the KV cache is used here
     chunks = []
     try:
-        for i in range(0, len(prompt_ids), args.rollout_batch_size):
+        for i in range(0, len(prompt_ids), batch_size):
             with autocast(device):
                 out = model.generate(
-                    input_ids=prompt_ids[i : i + args.rollout_batch_size],
-                    attention_mask=prompt_attn[i : i + args.rollout_batch_size],
-                    generation_config=gen,
+                    input_ids=prompt_ids[i : i + batch_size], attention_mask=prompt_attn[i : i + batch_size], generation_config=gen
                 )
             chunks.append(out[:, prompt_ids.size(1) :])  # [b, T_i]
     finally:
@@ -377,6 +436,23 @@ def rollout(model, tokenizer, prompts: list[str], args: Args, eos_ids: list[int]
         "truncated": ~torch.isin(completion_ids, torch.as_tensor(eos_ids, device=device)).any(1),  # [B]
         "completions": texts,
     }
+
+
+def complete(model, tokenizer, prompts: list[str], gen, samples: int = 1, batch_size: int = 64, on_batch=None) -> list[list[str]]:
+    """`samples` completions for every prompt, in prompt order. Prompts go longest first, so each
+    `generate` call holds prompts of similar length; on_batch(n) reports progress."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    per_call = max(1, batch_size // samples)
+    out = [None] * len(prompts)
+    for j in range(0, len(order), per_call):
+        idx = order[j : j + per_call]
+        texts = rollout(model, tokenizer, [prompts[i] for i in idx], gen, samples, batch_size)["completions"]
+        for k, i in enumerate(idx):
+            out[i] = texts[k * samples : (k + 1) * samples]
+        if on_batch:
+            on_batch(len(idx))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,11 +618,21 @@ def train(args: Args):
     if len(fits) < len(problems):
         print(f"dropped {len(problems) - len(fits)} of {len(problems)} prompts longer than {args.max_prompt_tokens} tokens")
     problems, prompts = [problems[i] for i in fits], [prompts[i] for i in fits]
+    held_out = []
+    if args.eval_every:
+        if args.eval_size >= len(problems):
+            sys.exit(f"error: --eval-size {args.eval_size} leaves no training problems (the dataset has {len(problems)})")
+        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        held_out = [(prompts[i], problems[i]["gold"]) for i in sorted(order[: args.eval_size])]
+        keep = sorted(order[args.eval_size :])
+        problems, prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
     context = getattr(model.config, "max_position_embeddings", None)
     if context and max(lengths[i] for i in fits) + args.max_new_tokens > context:
         sys.exit(f"error: prompt ({max(lengths[i] for i in fits)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context} tokens")
 
     eos_ids = stop_token_ids(model, tokenizer)
+    gen = generation_config(tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p)
+    greedy = generation_config(tokenizer, eos_ids, args.max_new_tokens, temperature=0)
     ref_model = None
     if args.beta > 0:
         ref_model = load_model(args.model, device, args.seed)[0].eval().requires_grad_(False)
@@ -566,7 +652,7 @@ def train(args: Args):
         t0 = time.time()
         # ---- rollout and reward --------------------------------------------------------------
         idx = step_batches(len(problems), args.prompts_per_step, step, args.seed)
-        roll = rollout(model, tokenizer, [prompts[i] for i in idx], args, eos_ids)
+        roll = rollout(model, tokenizer, [prompts[i] for i in idx], gen, G, args.rollout_batch_size)
         golds = [problems[i]["gold"] for i in idx for _ in range(G)]
         rewards = torch.tensor([grade(c, g) for c, g in zip(roll["completions"], golds)])  # [B]
         adv = group_advantages(rewards, G, scale=args.scale_adv).to(device)  # [B]
@@ -651,6 +737,10 @@ def train(args: Args):
             "rollout_time": t_rollout,
             "step_time": time.time() - t0,
         }
+        if held_out and (step + 1) % args.eval_every == 0:
+            completions = complete(model, tokenizer, [p for p, _ in held_out], greedy, 1, args.rollout_batch_size)
+            metrics["eval_accuracy"] = sum(grade(c[0], gold) for c, (_, gold) in zip(completions, held_out)) / len(held_out)
+            tqdm.write(f"step {step + 1:>4} | held-out accuracy {metrics['eval_accuracy']:.3f} on {len(held_out)} problems (greedy)")
         with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", H=f"{metrics['entropy_clamped']:.3f}", coef=f"{coef_used:.4g}")

@@ -340,9 +340,9 @@ def test_rollout_samples_groups_and_ignores_the_checkpoints_generation_config(ti
     model, tokenizer = tiny
     model.generation_config.do_sample = False  # a checkpoint asking for greedy decoding
     model.generation_config.top_k = 1
-    args = aent.Args(group_size=8, max_new_tokens=5, rollout_batch_size=5)
+    gen = aent.generation_config(tokenizer, [0], max_new_tokens=5)
     torch.manual_seed(0)
-    roll = aent.rollout(model, tokenizer, ["Question: a\nAnswer:", "Question: bb\nAnswer:"], args, eos_ids=[0])
+    roll = aent.rollout(model, tokenizer, ["Question: a\nAnswer:", "Question: bb\nAnswer:"], gen, group_size=8, batch_size=5)
     assert roll["input_ids"].shape[0] == 16 and roll["mask"].shape == (16, 5)
     assert len(set(roll["completions"][:8])) > 1  # sampled, not greedy
     assert torch.equal(roll["attention_mask"][:, -5:], roll["mask"])
@@ -353,9 +353,9 @@ def test_rollout_ignores_every_other_sampling_field_of_the_checkpoint(tiny):
     model.generation_config.no_repeat_ngram_size = 1  # would forbid any repeated token, prompt included
     model.generation_config.repetition_penalty = 100.0
     model.generation_config.min_new_tokens = 20
-    args = aent.Args(group_size=16, max_new_tokens=20)
+    gen = aent.generation_config(tokenizer, [0], max_new_tokens=20)
     torch.manual_seed(0)
-    roll = aent.rollout(model, tokenizer, ["Question: a\nAnswer:"], args, eos_ids=[0])
+    roll = aent.rollout(model, tokenizer, ["Question: a\nAnswer:"], gen, group_size=16)
     prompt = set(roll["input_ids"][0, : -20].tolist())
     completions = roll["input_ids"][:, -20:][roll["mask"].bool()].tolist()
     assert prompt & set(completions)  # tokens from the prompt do get sampled
@@ -461,3 +461,140 @@ def test_synthetic_mdp_full_bonus_fails_with_one_optimal_action_where_clamped_ke
     curve = torch.tensor(json.load(open(tmp_path / "results.json"))["values_at_sparsest_m"]["full"]).mean(1)
     assert curve.max() - curve[-1] > 0.3  # at m = 1 the full bonus first helps, then its bias drags V down
     assert (tmp_path / "mdp.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py
+# ----------------------------------------------------------------------------------------------
+SHARED = os.path.join(HERE, "..", "shared", "data")
+
+
+def shared_rows(name):
+    path = os.path.join(SHARED, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not present")
+    return [json.loads(line) for line in open(path)]
+
+
+def test_grader_accepts_every_math500_solution_and_rejects_shifted_answers():
+    rows = shared_rows("math500_test.jsonl")
+    assert sum(aent.grade(r["solution"], r["answer"]) for r in rows) == 500
+    for r, other in zip(rows, rows[1:] + rows[:1]):
+        if aent.grade(r["solution"], other["answer"]):  # only where the two answers really agree
+            assert aent.grade("\\boxed{" + r["answer"] + "}", other["answer"]) and other["answer"].replace("x=", "") == r["answer"]
+
+
+def test_grader_accepts_every_gsm8k_test_gold_and_rejects_shifted_answers():
+    rows = shared_rows("gsm8k_test.jsonl")
+    golds = [aent.problem_from_row(r)["gold"] for r in rows]
+    assert sum(aent.grade(r["answer"], g) for r, g in zip(rows, golds)) == 1319
+    shifted = golds[1:] + golds[:1]
+    accepted = [(g, s) for r, g, s in zip(rows, golds, shifted) if aent.grade(r["answer"], s)]
+    assert all(g == s for g, s in accepted)
+
+
+@pytest.mark.parametrize(
+    "completion, gold, verdict",
+    [
+        ("\\boxed{\\frac{3}{4}}", "0.75", 1), ("\\boxed{0.75}", "\\dfrac34", 1), ("\\boxed{\\tfrac{3}{4}}", "\\frac{3}{4}", 1),
+        ("\\boxed{y = -2}", "-2", 1), ("\\boxed{12,345}", "12345", 1), ("\\boxed{5\\text{ inches}}", "5", 1),
+        ("\\boxed{\\$4.50}", "4.5", 1), ("\\boxed{[2, 5)}", "[2,5)", 1), ("\\boxed{(3,-1)}", "(3, -1)", 1),
+        ("\\boxed{45^\\circ}", "45", 1), ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", 1), ("\\boxed{x^2+2x+1}", "(x+1)^2", 1),
+        ("\\boxed{\\frac{3}{5}}", "0.75", 0), ("\\boxed{[2, 5]}", "[2,5)", 0), ("\\boxed{(-1,3)}", "(3,-1)", 0),
+        ("\\boxed{12,346}", "12345", 0), ("\\boxed{2\\sqrt{2}}", "\\sqrt{12}", 0), ("\\boxed{46^\\circ}", "45", 0),
+        ("\\boxed{10^{10^{10}}}", "3", 0), ("\\boxed{\\frac{1}{0}}", "3", 0), ("\\boxed{}", "3", 0),
+    ],
+)
+def test_grader_on_equivalent_forms_and_near_misses(completion, gold, verdict):
+    assert aent.grade(completion, gold) == verdict
+
+
+def test_pass_at_k_matches_the_combinatorial_definition():
+    import eval as ev
+
+    for n in range(1, 7):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                expected = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert ev.pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_complete_returns_completions_in_prompt_order_whatever_the_batching(tiny):
+    model, tokenizer = tiny
+    gen = aent.generation_config(tokenizer, [0], max_new_tokens=6, temperature=0)
+    prompts = ["Question: a\nAnswer:", "Question: a much longer one\nAnswer:", "Q\nA:", "Question: 1+1\nAnswer:"]
+    together = aent.complete(model, tokenizer, prompts, gen, samples=1, batch_size=3)
+    alone = [aent.complete(model, tokenizer, [p], gen)[0] for p in prompts]
+    assert together == alone
+
+
+def test_grading_in_worker_processes_agrees_with_grading_here():
+    import eval as ev
+
+    pairs = [("\\boxed{0.5}", "\\frac12"), ("\\boxed{3}", "4"), ("so 1,600", "1600"), ("nothing", "1")]
+    assert ev.grade_all(pairs, workers=2) == ev.grade_all(pairs, workers=0) == [1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    model, tokenizer = aent.build_tiny(seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    return str(path)
+
+
+def test_eval_runs_end_to_end_on_a_checkpoint_and_writes_table_summary_and_predictions(tmp_path, tiny_dir):
+    rows = [{"problem": f"What is {a}+{a}?", "solution": f"\\boxed{{{2 * a}}}", "level": 1 + a % 2, "subject": "Algebra"} for a in range(5)]
+    bench = write_jsonl(tmp_path / "bench.jsonl", rows)
+    cmd = [sys.executable, "eval.py", "--model", str(tiny_dir), "--benchmarks", bench, "--protocol", "aent",
+           "--max-new-tokens", "4", "--batch-size", "8", "--out-dir", str(tmp_path / "out")]
+    res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "pass@1" in res.stdout and "Level 1" in res.stdout and "Algebra" in res.stdout
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    result = summary["benchmarks"][bench]
+    preds = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    assert result["n"] == len(preds) == 5 and summary["samples"] == 4 and summary["temperature"] == 0.6
+    assert all(len(p["completions"]) == len(p["verdicts"]) == len(p["answers"]) == 4 for p in preds)
+    assert [p["gold"] for p in preds] == [str(2 * a) for a in range(5)]
+    assert result["pass@1"] == pytest.approx(sum(sum(p["verdicts"]) for p in preds) / 20)
+    assert result["pass@4"] == pytest.approx(sum(any(p["verdicts"]) for p in preds) / 5)
+    assert set(result["by_level"]) == {"Level 1", "Level 2"}
+
+
+@pytest.mark.parametrize(
+    "bench_rows, model, words",
+    [
+        (None, "tiny_dir", "unknown benchmark"),
+        ([{"problem": "p", "solution": "\\boxed{1}"}, {"problem": "q", "solution": "no box"}], "tiny_dir", "line 2"),
+        ([{"problem": "p", "answer": "1"}, "{not json"], "tiny_dir", "line 2"),
+        ([{"problem": "p", "answer": "1"}], "no_tokenizer", "no tokenizer"),
+    ],
+)
+def test_eval_bad_input_is_one_line_error(tmp_path, tiny_dir, bench_rows, model, words):
+    bench = "gsm9k" if bench_rows is None else write_jsonl(tmp_path / "b.jsonl", bench_rows)
+    if model == "no_tokenizer":
+        model_dir = tmp_path / "m"
+        aent.build_tiny()[0].save_pretrained(model_dir)
+    else:
+        model_dir = tiny_dir
+    cmd = [sys.executable, "eval.py", "--model", str(model_dir), "--benchmarks", bench, "--out-dir", str(tmp_path / "out")]
+    res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and words in last and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_training_logs_held_out_accuracy_with_eval_every(tmp_path):
+    args = aent.parse_args(["--model", "tiny", "--steps", "2", "--eval-every", "2", "--eval-size", "3", "--out-dir", str(tmp_path / "run")])
+    aent.train(args)
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert "eval_accuracy" not in lines[0] and 0.0 <= lines[1]["eval_accuracy"] <= 1.0

@@ -1,0 +1,178 @@
+"""Score a model on GSM8K and MATH with the prompt and grader `aent.py` trains with.
+
+    python eval.py --model Qwen/Qwen2.5-Math-1.5B                        # GSM8K + MATH-500, Qwen protocol
+    python eval.py --model runs/aent/final --benchmarks math500 --protocol aent
+    python eval.py --model DIR --benchmarks my_problems.jsonl --limit 50
+
+Protocols: `qwen` (the Qwen2.5-Math harness: zero-shot chain of thought with the boxed-answer
+system prompt, greedy, 2048 new tokens) and `aent` (the AEnt paper: T = 0.6, top_p = 0.95,
+4 samples per problem). pass@1 is the mean accuracy over samples; with n > 1 samples, pass@n
+is the fraction of problems with at least one correct sample.
+
+Writes OUT/summary.json and OUT/predictions.jsonl (each problem's prompt, completions,
+extracted answers, gold and verdicts) and prints a table, with MATH broken down by level and
+subject.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+import aent
+
+BENCHMARKS = {"gsm8k": "gsm8k", "math500": "math500", "math": "math"}  # name -> aent.HUB_DATASETS key
+PROTOCOLS = {"qwen": dict(temperature=0.0, top_p=1.0, samples=1), "aent": dict(temperature=0.6, top_p=0.95, samples=4)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="hub id, or a directory saved by aent.py (or any save_pretrained)")
+    p.add_argument("--benchmarks", default="gsm8k,math500", help="comma-separated: gsm8k, math500, math (full MATH test), or .jsonl/.parquet paths")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="qwen", help="qwen: greedy, 1 sample; aent: T=0.6, top_p=0.95, 4 samples")
+    p.add_argument("--temperature", type=float, help="override the protocol's temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, help="override the protocol's top_p")
+    p.add_argument("--samples", type=int, help="override the protocol's samples per problem")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="completion length limit")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--limit", type=int, help="score only the first N problems of each benchmark")
+    p.add_argument("--grade-workers", type=int, default=0, help="grade in this many worker processes (0: in this process)")
+    p.add_argument("--out-dir", default="runs/eval", help="directory for summary.json and predictions.jsonl")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = p.parse_args(argv)
+    for key, value in PROTOCOLS[args.protocol].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--samples, --batch-size, --max-new-tokens and --limit must be at least 1")
+    if args.temperature == 0 and args.samples > 1:
+        p.error("greedy decoding (temperature 0) gives identical samples: use --samples 1 or a temperature > 0")
+    return args
+
+
+def benchmark_list(spec: str) -> list[str]:
+    """Validate benchmark names and files before any model is loaded."""
+    names = [b.strip() for b in spec.split(",") if b.strip()]
+    for b in names:
+        if b not in BENCHMARKS and not b.endswith((".jsonl", ".parquet")):
+            sys.exit(f"error: unknown benchmark {b!r}: use {', '.join(BENCHMARKS)}, or a .jsonl/.parquet file")
+        if b not in BENCHMARKS and not os.path.isfile(b):
+            sys.exit(f"error: benchmark file {b} not found")
+    if not names:
+        sys.exit("error: --benchmarks is empty")
+    return names
+
+
+def _grade(pair):
+    return aent.grade(*pair)
+
+
+def grade_all(pairs, workers: int) -> list[float]:
+    """aent.grade over (completion, gold) pairs, in worker processes when asked: math-verify's
+    timeouts are signal-based and work only in a process's main thread, never in a thread pool."""
+    if workers <= 0:
+        return [aent.grade(c, g) for c, g in pairs]
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_grade, pairs, chunksize=32))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def score(verdicts: list[list[float]]) -> dict:
+    n = len(verdicts[0])
+    out = {"n": len(verdicts), "pass@1": sum(sum(v) / n for v in verdicts) / len(verdicts)}
+    if n > 1:
+        out[f"pass@{n}"] = sum(pass_at_k(n, int(sum(v)), n) for v in verdicts) / len(verdicts)
+    return out
+
+
+def breakdown(problems, verdicts, key) -> dict:
+    groups = defaultdict(list)
+    for p, v in zip(problems, verdicts):
+        if key in p:
+            groups[p[key]].append(v)
+    return {k: score(groups[k]) for k in sorted(groups)}
+
+
+def write_atomic(path: str, text: str):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    names = benchmark_list(args.benchmarks)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    benches = {b: aent.load_problems(BENCHMARKS.get(b, b), split="test")[: args.limit] for b in names}
+    model, tokenizer = aent.load_model(args.model, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    eos_ids = aent.stop_token_ids(model, tokenizer)
+    gen = aent.generation_config(tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p)
+    torch.manual_seed(args.seed)
+    print(f"model {args.model} on {device} | protocol {args.protocol}: T={args.temperature}, top_p={args.top_p}, "
+          f"{args.samples} sample(s), {args.max_new_tokens} new tokens")
+
+    summary = {"model": args.model, "protocol": args.protocol, "temperature": args.temperature, "top_p": args.top_p,
+               "samples": args.samples, "max_new_tokens": args.max_new_tokens, "benchmarks": {}}
+    predictions = []
+    for name, problems in benches.items():
+        prompts = [aent.build_prompt(tokenizer, p["question"]) for p in problems]
+        t0 = time.time()
+        bar = tqdm(total=len(prompts), desc=name, unit="problem", dynamic_ncols=True)
+        completions = aent.complete(model, tokenizer, prompts, gen, args.samples, args.batch_size, on_batch=bar.update)
+        bar.close()
+        gen_time = time.time() - t0
+        pairs = [(c, p["gold"]) for cs, p in zip(completions, problems) for c in cs]
+        flat = grade_all(pairs, args.grade_workers)
+        verdicts = [flat[i * args.samples : (i + 1) * args.samples] for i in range(len(problems))]
+        result = {**score(verdicts), "generation_s": round(gen_time, 2), "problems_per_s": round(len(problems) / gen_time, 3),
+                  "grading_s": round(time.time() - t0 - gen_time, 2)}
+        for key in ("level", "subject"):
+            if any(key in p for p in problems):
+                result[f"by_{key}"] = breakdown(problems, verdicts, key)
+        summary["benchmarks"][name] = result
+        for i, (p, prompt, cs, vs) in enumerate(zip(problems, prompts, completions, verdicts)):
+            predictions.append({"benchmark": name, "index": i, **{k: p[k] for k in ("level", "subject") if k in p},
+                                "prompt": prompt, "completions": cs, "answers": [aent.extract_answer(c) for c in cs],
+                                "gold": p["gold"], "verdicts": vs})
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_atomic(os.path.join(args.out_dir, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in predictions))
+    write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
+    print_table(summary)
+    print(f"wrote {args.out_dir}/summary.json and {args.out_dir}/predictions.jsonl")
+    return summary
+
+
+def print_table(summary):
+    rows = [("benchmark", "n", "pass@1", "pass@n", "problems/s")]
+    for name, r in summary["benchmarks"].items():
+        pass_n = next((f"{v:.3f}" for k, v in r.items() if k.startswith("pass@") and k != "pass@1"), "-")
+        rows.append((name, str(r["n"]), f"{r['pass@1']:.3f}", pass_n, f"{r['problems_per_s']:.2f}"))
+        for key in ("by_level", "by_subject"):
+            for group, s in r.get(key, {}).items():
+                rows.append((f"  {group}", str(s["n"]), f"{s['pass@1']:.3f}", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+if __name__ == "__main__":
+    main()
