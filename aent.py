@@ -23,9 +23,9 @@ import dataclasses
 import functools
 import json
 import os
-import random
 import re
 import shutil
+import signal
 import string
 import sys
 import threading
@@ -90,7 +90,10 @@ class Args:
     # engineering
     logits_chunk: int = arg(1024, "completion tokens per chunk when computing log-probs and entropies in fp32")
     grad_checkpointing: bool = arg(True, "recompute activations in the backward pass (the training pass only, never in generate)")
-    save_every: int = arg(50, "save a checkpoint every this many steps (0: only at the end)")
+    save_every: int = arg(50, "save a resumable checkpoint every this many steps (0: only at the end)")
+    keep_last: int = arg(2, "step checkpoints kept on disk (older ones are deleted; final/ is always kept)")
+    max_bad_updates: int = arg(3, "stop after this many optimizer updates in a row with a non-finite loss or gradient")
+    long_prompts: str = arg("skip", "prompts over --max-prompt-tokens: skip them (with a count) or stop with an error", choices=("skip", "error"))
     sample_every: int = arg(10, "print and store a few sample completions every this many steps")
     eval_every: int = arg(0, "score the held-out problems every this many steps, greedy, as eval.py does (0: never)")
     eval_size: int = arg(64, "problems held out of the training data for --eval-every")
@@ -113,7 +116,7 @@ def parse_args(argv=None) -> Args:
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            kind = int if f.type is Optional[int] else f.type
+            kind = int if f.type == Optional[int] else f.type  # typing objects compare by ==, not identity
             parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     demo = TINY_DEMO if given.get("model") == "tiny" else {}
@@ -123,7 +126,7 @@ def parse_args(argv=None) -> Args:
 def check_args(args: Args):
     """Reject impossible configurations before any long work starts."""
     problems = []
-    for name in ("steps", "prompts_per_step", "mini_batch_prompts", "micro_batch_size", "rollout_batch_size", "logits_chunk", "max_new_tokens", "ppo_epochs"):
+    for name in ("steps", "keep_last", "max_bad_updates", "prompts_per_step", "mini_batch_prompts", "micro_batch_size", "rollout_batch_size", "logits_chunk", "max_new_tokens", "ppo_epochs"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_every < 0 or (args.eval_every and args.eval_size < 1):
@@ -198,17 +201,18 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, row) for every non-blank line of a .jsonl file; a bad line is a one-line error."""
     rows = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise ValueError("not a JSON object")
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    row = json.loads(raw.decode("utf-8")) if raw.strip() else None
+                except (ValueError, UnicodeDecodeError) as e:
+                    sys.exit(f"error: {path} line {n}: not valid JSON ({str(e)[:80]})")
+                if row is not None and not isinstance(row, dict):
+                    sys.exit(f"error: {path} line {n}: not a JSON object")
+                if row is not None:
                     rows.append((n, row))
     except OSError as e:
         sys.exit(f"error: cannot read {path}: {e.strerror}")
-    except (ValueError, UnicodeDecodeError) as e:
-        sys.exit(f"error: {path} line {n}: not a JSON object ({e})")
     return rows
 
 
@@ -310,18 +314,19 @@ def grade(completion: str, gold: str) -> float:
 # 4. Model
 # ----------------------------------------------------------------------------------------------
 def build_tiny(seed: int = 0):
-    """A randomly initialised 2-layer Qwen2 with a character-level tokenizer, built offline."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    """A randomly initialised 2-layer Qwen2 with a 99-token character-level tokenizer, built offline.
+
+    The tokenizer is a Qwen2Tokenizer (byte-level BPE without merges) whose vocabulary is the
+    printable ASCII characters, so a saved checkpoint reloads through AutoTokenizer unchanged
+    (transformers 5 rebuilds every qwen2 checkpoint's tokenizer as a Qwen2Tokenizer).
+    Characters outside that set are dropped.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token=specials[0]))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token=specials[0], pad_token=specials[0], additional_special_tokens=specials[1:]
-    )
+    byte_level = [{" ": "\u0120", "\n": "\u010a"}.get(c, c) for c in chars]  # GPT-2 byte-to-unicode names of space, newline
+    tokenizer = Qwen2Tokenizer(vocab={t: i for i, t in enumerate(specials + byte_level)}, merges=[], extra_special_tokens=specials[1:])
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
@@ -344,6 +349,8 @@ def load_model(name: str, device: torch.device, seed: int = 0, dtype=torch.float
             os.path.exists(os.path.join(name, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
         ):
             sys.exit(f"error: {name} has no tokenizer (tokenizer.json / tokenizer_config.json); save the tokenizer beside the model")
+        if name.startswith((".", "/", "~")) and not os.path.isdir(name):
+            sys.exit(f"error: model directory {name} does not exist")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -576,14 +583,73 @@ def update_entropy_coef(coef, entropy, h_low, h_high, lr, coef_min, coef_max) ->
 # ----------------------------------------------------------------------------------------------
 # 10. Training loop
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(model, tokenizer, path: str):
-    """save_pretrained into path.tmp, then rename: a checkpoint directory is complete or absent."""
+# Fields that may change when a run is resumed; any other difference means a different run.
+RESUMABLE = ("steps", "save_every", "keep_last", "sample_every", "max_bad_updates")
+
+
+def save_checkpoint(path: str, model, tokenizer, optimizer=None, state: Optional[dict] = None):
+    """Model and tokenizer (save_pretrained), plus optimizer and trainer state when given, written
+    to path.tmp and renamed: a checkpoint directory is complete or absent, never half-written."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError(f"refusing to write non-finite weights to {path}")
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    """The resumable checkpoint with the most steps in out_dir (step_*/ or final/), if any."""
+    best, best_step = None, -1
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        state = os.path.join(out_dir, name, "trainer_state.pt")
+        if (name.startswith("step_") or name == "final") and not name.endswith(".tmp") and os.path.isfile(state):
+            step = torch.load(state, weights_only=False)["step"]
+            if step > best_step:
+                best, best_step = os.path.join(out_dir, name), step
+    return best
+
+
+def prune_checkpoints(out_dir: str, keep: int):
+    steps = sorted(n for n in os.listdir(out_dir) if n.startswith("step_") and not n.endswith(".tmp"))
+    for name in steps[:-keep]:
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+def check_same_run(args: Args):
+    """An out_dir holds one run: resuming needs the same settings, bar the RESUMABLE ones."""
+    path = os.path.join(args.out_dir, "args.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    now = dataclasses.asdict(args)
+    changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4])
+        sys.exit(f"error: {args.out_dir} holds a different run ({diffs}); choose another --out-dir or run with its settings to resume")
+
+
+def truncate_log(path: str, last_step: int):
+    """Keep the lines of a jsonl log whose step is at most last_step (a resumed run rewrites the rest)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line)
+            except (ValueError, KeyError):  # a line cut short by a crash
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def step_batches(n_problems: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
@@ -598,25 +664,23 @@ def step_batches(n_problems: int, prompts_per_step: int, step: int, seed: int) -
     return out
 
 
-def train(args: Args):
-    from tqdm import tqdm
-
-    check_args(args)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if os.path.exists(os.path.join(args.out_dir, "metrics.jsonl")):
-        sys.exit(f"error: {args.out_dir} already holds a run (metrics.jsonl); choose another --out-dir")
-
-    model, tokenizer = load_model(args.model, device, args.seed)
+def prepare_problems(args: Args, tokenizer, context: Optional[int]):
+    """Training problems and prompts, long prompts handled per --long-prompts, and the held-out
+    (prompt, gold) pairs for --eval-every."""
     problems = load_problems(args.dataset, args.split)
     prompts = [build_prompt(tokenizer, p["question"]) for p in problems]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
     fits = [i for i, n in enumerate(lengths) if n <= args.max_prompt_tokens]
-    if not fits:
-        sys.exit(f"error: every prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}")
-    if len(fits) < len(problems):
-        print(f"dropped {len(problems) - len(fits)} of {len(problems)} prompts longer than {args.max_prompt_tokens} tokens")
+    too_long = len(problems) - len(fits)
+    if too_long and (args.long_prompts == "error" or not fits):
+        first = next(i for i, n in enumerate(lengths) if n > args.max_prompt_tokens)
+        sys.exit(f"error: {too_long} of {len(problems)} prompts are longer than --max-prompt-tokens {args.max_prompt_tokens} "
+                 f"(the first, problem {first + 1}, has {lengths[first]} tokens); raise the limit or pass --long-prompts skip")
+    if too_long:
+        print(f"skipped {too_long} of {len(problems)} prompts longer than {args.max_prompt_tokens} tokens")
+    longest = max(lengths[i] for i in fits)
+    if context and longest + args.max_new_tokens > context:
+        sys.exit(f"error: the longest prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context} tokens")
     problems, prompts = [problems[i] for i in fits], [prompts[i] for i in fits]
     held_out = []
     if args.eval_every:
@@ -626,28 +690,133 @@ def train(args: Args):
         held_out = [(prompts[i], problems[i]["gold"]) for i in sorted(order[: args.eval_size])]
         keep = sorted(order[args.eval_size :])
         problems, prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and max(lengths[i] for i in fits) + args.max_new_tokens > context:
-        sys.exit(f"error: prompt ({max(lengths[i] for i in fits)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context} tokens")
+    return problems, prompts, held_out
 
+
+def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None) -> dict:
+    """PPO epochs over one step's rollouts: minibatches of whole groups, micro-batches inside
+    (gradient accumulation with token-mean weights). An update whose loss or gradient is not
+    finite is skipped. Returns token-weighted means of the loss terms, the mean gradient norm,
+    and counts of updates applied, skipped, and skipped since the last applied one."""
+    device = next(model.parameters()).device
+    G, B = args.group_size, mask.size(0)
+    drop_frac = args.drop_frac if args.entropy != "full" else 0.0
+
+    def stats(net, rows, grad=False):
+        with torch.set_grad_enabled(grad), autocast(device):
+            return token_stats(net, roll["input_ids"][rows], roll["attention_mask"][rows], mask[rows],
+                               args.temperature, drop_frac, args.top_k, args.logits_chunk)
+
+    micro = torch.arange(B).split(args.micro_batch_size)
+    model.eval()
+    old_logp = torch.cat([stats(model, rows)[0] for rows in micro])  # [B, T] the rollout policy
+    ref_logp = torch.cat([stats(ref_model, rows)[0] for rows in micro]) if ref_model else None  # [B, T]
+    model.train()
+
+    sums = dict(loss=0.0, clip_frac=0.0, dual_clip_frac=0.0, approx_kl=0.0, kl=0.0, h_clamped=0.0, h_full=0.0)
+    tokens, grad_norms, skipped, bad_tail = 0, [], 0, 0
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(args.prompts_per_step)  # shuffle groups, keep each group together
+        rows_all = (order[:, None] * G + torch.arange(G)).view(-1)  # [B]
+        for mb in rows_all.split(args.mini_batch_prompts * G):
+            n_tok = mask[mb].sum().clamp(min=1).item()
+            finite = True
+            for rows in mb.split(args.micro_batch_size):
+                m_rows = mask[rows]  # [b, T]
+                n = m_rows.sum().item()
+                if n == 0:  # every completion here was masked out (--mask-truncated)
+                    continue
+                logp, h_clamped, h_full = stats(model, rows, grad=True)  # [b, T] each
+                loss, st = policy_loss(logp, old_logp[rows], adv[rows], m_rows, args.clip_low, args.clip_high, args.dual_clip)
+                loss = loss - coef * masked_mean(h_clamped if args.entropy == "clamped" else h_full, m_rows)
+                if ref_logp is not None:
+                    kl = masked_mean(kl_penalty(logp, ref_logp[rows]), m_rows)
+                    loss = loss + args.beta * kl
+                    sums["kl"] += kl.item() * n
+                finite = finite and bool(torch.isfinite(loss))
+                (loss * (n / n_tok)).backward()  # token share of the micro-batch: the minibatch loss is a token-mean
+                tokens += n
+                sums["loss"] += loss.item() * n
+                for k in ("clip_frac", "dual_clip_frac", "approx_kl"):
+                    sums[k] += st[k] * n
+                sums["h_clamped"] += (h_clamped * m_rows).sum().item()
+                sums["h_full"] += (h_full * m_rows).sum().item()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if finite and torch.isfinite(norm):
+                opt.step()
+                grad_norms.append(norm.item())
+                bad_tail = 0
+            else:
+                skipped, bad_tail = skipped + 1, bad_tail + 1
+            opt.zero_grad(set_to_none=True)
+    out = {k: v / max(tokens, 1) for k, v in sums.items()}
+    out.update(grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+               updates=len(grad_norms), skipped_updates=skipped, bad_tail=bad_tail)
+    return out
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def train(args: Args):
+    from tqdm import tqdm
+
+    check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_same_run(args)
+    resume = latest_checkpoint(args.out_dir)
+    state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=False) if resume else None
+    if state and state["step"] >= args.steps:
+        print(f"nothing to do: {resume} already holds step {state['step']} of {args.steps}")
+        return None
+
+    model, tokenizer = load_model(resume or args.model, device, args.seed)
+    problems, prompts, held_out = prepare_problems(args, tokenizer, getattr(model.config, "max_position_embeddings", None))
     eos_ids = stop_token_ids(model, tokenizer)
     gen = generation_config(tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p)
     greedy = generation_config(tokenizer, eos_ids, args.max_new_tokens, temperature=0)
-    ref_model = None
-    if args.beta > 0:
-        ref_model = load_model(args.model, device, args.seed)[0].eval().requires_grad_(False)
+    ref_model = load_model(args.model, device, args.seed)[0].eval().requires_grad_(False) if args.beta > 0 else None
     if args.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
     os.makedirs(args.out_dir, exist_ok=True)
+    metrics_path, samples_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "samples.jsonl")
+    start = state["step"] if state else 0
+    for path in (metrics_path, samples_path):
+        truncate_log(path, start)  # drop what a crashed run logged after its last checkpoint
+    if state:
+        opt.load_state_dict(torch.load(os.path.join(resume, "optimizer.pt"), weights_only=False))
+        coef, bad_in_a_row = state["coef"], state["bad_in_a_row"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        print(f"resuming from {resume} (step {start})")
+    else:
+        torch.manual_seed(args.seed)
+        coef, bad_in_a_row = (args.entropy_coef if args.entropy != "none" else 0.0), 0
     with open(os.path.join(args.out_dir, "args.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=1)
     print(f"model {args.model} on {device} | {len(problems)} problems from {args.dataset} | "
           f"{args.prompts_per_step} prompts x {args.group_size} samples per step | entropy bonus: {args.entropy}")
 
-    coef = args.entropy_coef if args.entropy != "none" else 0.0
+    def checkpoint_state(step):
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        return {"step": step, "coef": coef, "bad_in_a_row": bad_in_a_row, "rng": rng}
+
+    stop = StopRequest()
     G, B = args.group_size, args.prompts_per_step * args.group_size
-    bar = tqdm(range(args.steps), desc="steps", dynamic_ncols=True, disable=None)
+    bar = tqdm(range(start, args.steps), desc="steps", dynamic_ncols=True, disable=None, initial=start, total=args.steps)
     for step in bar:
         t0 = time.time()
         # ---- rollout and reward --------------------------------------------------------------
@@ -661,60 +830,19 @@ def train(args: Args):
             mask = mask * (~roll["truncated"])[:, None].long()
         t_rollout = time.time() - t0
 
-        # ---- old (rollout-policy) and reference log-probs -------------------------------------
-        def log_probs(net, rows, grad=False):
-            with torch.set_grad_enabled(grad), autocast(device):
-                return token_stats(
-                    net, roll["input_ids"][rows], roll["attention_mask"][rows], mask[rows],
-                    args.temperature, args.drop_frac if args.entropy != "full" else 0.0, args.top_k, args.logits_chunk,
-                )
-
-        micro = [torch.arange(i, min(i + args.micro_batch_size, B)) for i in range(0, B, args.micro_batch_size)]
-        model.eval()
-        old_logp = torch.cat([log_probs(model, rows)[0] for rows in micro])  # [B, T]
-        ref_logp = torch.cat([log_probs(ref_model, rows)[0] for rows in micro]) if ref_model else None
-        model.train()
-
-        # ---- policy update: minibatches of whole groups, micro-batches inside ---------------------
-        sums = dict(loss=0.0, clip_frac=0.0, dual_clip_frac=0.0, approx_kl=0.0, kl=0.0, h_clamped=0.0, h_full=0.0)
-        tokens_seen, grad_norms = 0, []
-        mb_size = args.mini_batch_prompts * G
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(args.prompts_per_step)  # shuffle groups, keep each group together
-            rows_all = (order[:, None] * G + torch.arange(G)).view(-1)  # [B]
-            for m in range(0, B, mb_size):
-                mb = rows_all[m : m + mb_size]
-                n_tok = mask[mb].sum().clamp(min=1).item()
-                for rows in mb.split(args.micro_batch_size):
-                    if mask[rows].sum() == 0:  # every completion here was masked out (--mask-truncated)
-                        continue
-                    logp, h_clamped, h_full = log_probs(model, rows, grad=True)  # [b, T] each
-                    m_rows = mask[rows]
-                    loss, st = policy_loss(logp, old_logp[rows], adv[rows], m_rows, args.clip_low, args.clip_high, args.dual_clip)
-                    bonus = h_clamped if args.entropy == "clamped" else h_full  # [b, T]
-                    loss = loss - coef * masked_mean(bonus, m_rows)
-                    if ref_logp is not None:
-                        kl = masked_mean(kl_penalty(logp, ref_logp[rows]), m_rows)
-                        loss = loss + args.beta * kl
-                        sums["kl"] += kl.item() * m_rows.sum().item()
-                    w = m_rows.sum().item() / n_tok  # micro-batch token share: the minibatch loss is a token-mean
-                    (loss * w).backward()
-                    n = m_rows.sum().item()
-                    tokens_seen += n
-                    sums["loss"] += loss.item() * n
-                    for k in ("clip_frac", "dual_clip_frac", "approx_kl"):
-                        sums[k] += st[k] * n
-                    sums["h_clamped"] += (h_clamped * m_rows).sum().item()
-                    sums["h_full"] += (h_full * m_rows).sum().item()
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        means = {k: v / max(tokens_seen, 1) for k, v in sums.items()}
+        # ---- policy update -------------------------------------------------------------------
+        upd = policy_update(model, opt, roll, mask, adv, coef, args, ref_model)
+        bad_in_a_row = upd["bad_tail"] if upd["updates"] else bad_in_a_row + upd["skipped_updates"]
+        if upd["skipped_updates"]:
+            tqdm.write(f"step {step + 1:>4} | skipped {upd['skipped_updates']} update(s) with a non-finite loss or gradient")
+        if bad_in_a_row >= args.max_bad_updates:
+            sys.exit(f"error: {bad_in_a_row} updates in a row had a non-finite loss or gradient; stopped at step {step + 1} "
+                     f"without saving (the last checkpoint is {latest_checkpoint(args.out_dir) or 'none'})")
 
         # ---- coefficient update ----------------------------------------------------------------
-        bonus_entropy = means["h_clamped"] if args.entropy == "clamped" else means["h_full"]
         coef_used = coef
-        if args.entropy != "none" and args.adaptive_coef and step + 1 >= args.coef_warmup:
+        if args.entropy != "none" and args.adaptive_coef and step + 1 >= args.coef_warmup and upd["updates"]:
+            bonus_entropy = upd["h_clamped"] if args.entropy == "clamped" else upd["h_full"]
             coef = update_entropy_coef(coef, bonus_entropy, args.h_low, args.h_high, args.coef_lr, args.coef_min, args.coef_max)
 
         # ---- logging -------------------------------------------------------------------------
@@ -722,15 +850,16 @@ def train(args: Args):
         metrics = {
             "step": step + 1,
             "reward": rewards.mean().item(),
-            "entropy_clamped": means["h_clamped"],
-            "entropy_full": means["h_full"],
+            "entropy_clamped": upd["h_clamped"],
+            "entropy_full": upd["h_full"],
             "entropy_coef": coef_used,
-            "clip_frac": means["clip_frac"],
-            "dual_clip_frac": means["dual_clip_frac"],
-            "approx_kl": means["approx_kl"],
-            "kl_ref": means["kl"] if ref_model else None,
-            "loss": means["loss"],
-            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "clip_frac": upd["clip_frac"],
+            "dual_clip_frac": upd["dual_clip_frac"],
+            "approx_kl": upd["approx_kl"],
+            "kl_ref": upd["kl"] if ref_model else None,
+            "loss": upd["loss"],
+            "grad_norm": upd["grad_norm"],
+            "skipped_updates": upd["skipped_updates"],
             "response_len": roll["mask"].sum(1).float().mean().item(),
             "truncated_frac": roll["truncated"].float().mean().item(),
             "zero_var_frac": (groups.max(1).values == groups.min(1).values).float().mean().item(),
@@ -741,7 +870,7 @@ def train(args: Args):
             completions = complete(model, tokenizer, [p for p, _ in held_out], greedy, 1, args.rollout_batch_size)
             metrics["eval_accuracy"] = sum(grade(c[0], gold) for c, (_, gold) in zip(completions, held_out)) / len(held_out)
             tqdm.write(f"step {step + 1:>4} | held-out accuracy {metrics['eval_accuracy']:.3f} on {len(held_out)} problems (greedy)")
-        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+        with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", H=f"{metrics['entropy_clamped']:.3f}", coef=f"{coef_used:.4g}")
         tqdm.write(
@@ -755,14 +884,23 @@ def train(args: Args):
                  "gold": golds[j], "reward": rewards[j].item()}
                 for j in range(0, min(B, 3 * G), G)
             ]
-            with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as f:
+            with open(samples_path, "a") as f:
                 f.writelines(json.dumps(s) + "\n" for s in samples)
             for s in samples[:2]:
                 tqdm.write(f"  sample (reward {s['reward']:.0f}, gold {s['gold']}): {s['completion'][:200]!r}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(model, tokenizer, os.path.join(args.out_dir, f"step_{step + 1:06d}"))
 
-    save_checkpoint(model, tokenizer, os.path.join(args.out_dir, "final"))
+        # ---- checkpoints ---------------------------------------------------------------------
+        last = step + 1 == args.steps
+        if stop.requested or (args.save_every and (step + 1) % args.save_every == 0 and not last):
+            path = os.path.join(args.out_dir, f"step_{step + 1:06d}")
+            save_checkpoint(path, model, tokenizer, opt, checkpoint_state(step + 1))
+            prune_checkpoints(args.out_dir, args.keep_last)
+            if stop.requested:
+                bar.close()
+                print(f"stopped by {stop.requested} after step {step + 1}; checkpoint in {path}; run the same command to resume")
+                return model
+
+    save_checkpoint(os.path.join(args.out_dir, "final"), model, tokenizer, opt, checkpoint_state(args.steps))
     print(f"done: {args.steps} steps, final model in {os.path.join(args.out_dir, 'final')}")
     return model
 

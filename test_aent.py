@@ -3,8 +3,11 @@
 import json
 import math
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -385,23 +388,28 @@ def test_tiny_model_takes_demo_defaults_only_for_flags_not_given():
     assert aent.parse_args(["--no-adaptive-coef"]).adaptive_coef is False
 
 
+def one_line_exit(fn, argv) -> str:
+    """The message of the SystemExit that fn(argv) ends with, checked to be a single 'error:' line."""
+    with pytest.raises(SystemExit) as stop:
+        fn(argv)
+    message = str(stop.value.code)
+    assert message.startswith("error:") and "\n" not in message
+    return message
+
+
 @pytest.mark.parametrize(
     "flags, words",
     [(["--group-size", "1"], "group-size"), (["--drop-frac", "1.0"], "drop-frac"), (["--top-k", "0"], "top-k"), (["--micro-batch-size", "0"], "micro-batch-size"), (["--mini-batch-prompts", "0"], "mini-batch-prompts"), (["--dataset", "nope.txt"], "unknown dataset")],
 )
 def test_bad_configuration_is_one_line_error(tmp_path, flags, words):
-    cmd = [sys.executable, "aent.py", "--model", "tiny", "--out-dir", str(tmp_path / "run"), *flags]
-    res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert res.returncode != 0
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and words in last and "Traceback" not in res.stderr
+    assert words in one_line_exit(aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "run"), *flags])
+    assert not (tmp_path / "run").exists()
 
 
-def test_entropy_coef_stays_at_its_initial_value_for_exactly_the_warmup_steps(tmp_path):
-    args = aent.parse_args(["--model", "tiny", "--steps", "3", "--coef-warmup", "2", "--out-dir", str(tmp_path / "run")])
-    aent.train(args)
-    coefs = [json.loads(line)["entropy_coef"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert coefs[:2] == [args.entropy_coef] * 2 and coefs[2] != args.entropy_coef  # entropy starts far above the band
+def test_the_command_line_prints_a_bad_configuration_as_one_line_without_a_traceback(tmp_path):
+    res = run_aent("--model", "tiny", "--group-size", "1", "--out-dir", str(tmp_path / "run"))
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        "error: --group-size must be at least 2 (group advantages need a group)"]
 
 
 def test_one_training_step_end_to_end_writes_metrics_and_a_loadable_checkpoint(tmp_path):
@@ -598,3 +606,146 @@ def test_training_logs_held_out_accuracy_with_eval_every(tmp_path):
     aent.train(args)
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert "eval_accuracy" not in lines[0] and 0.0 <= lines[1]["eval_accuracy"] <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# robustness: resume, checkpoints, signals, numerics, bad input
+# ----------------------------------------------------------------------------------------------
+def run_aent(*flags):
+    return subprocess.run([sys.executable, "aent.py", *flags], cwd=HERE, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_tiny_tokenizer_reloads_from_a_saved_checkpoint_unchanged(tiny_dir):
+    from transformers import AutoTokenizer
+
+    text = "Question: Tom has 3 apples.\nAnswer: <|im_end|>"
+    assert AutoTokenizer.from_pretrained(tiny_dir)(text).input_ids == aent.build_tiny()[1](text).input_ids
+
+
+def wait_for_checkpoint(out_dir, newer_than, proc, timeout=180):
+    start = time.time()
+    while time.time() - start < timeout and proc.poll() is None:
+        latest = aent.latest_checkpoint(str(out_dir))
+        if latest and torch.load(os.path.join(latest, "trainer_state.pt"), weights_only=False)["step"] > newer_than:
+            return torch.load(os.path.join(latest, "trainer_state.pt"), weights_only=False)["step"]
+        time.sleep(0.05)
+    return newer_than
+
+
+def test_a_run_killed_at_random_moments_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--model", "tiny", "--steps", "10", "--save-every", "1", "--keep-last", "3", "--sample-every", "2"]
+    assert run_aent(*flags, "--out-dir", str(tmp_path / "straight")).returncode == 0
+    rng, step = random.Random(0), 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "aent.py", *flags, "--out-dir", str(tmp_path / "killed")], cwd=HERE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        step = wait_for_checkpoint(tmp_path / "killed", step, proc)
+        time.sleep(rng.uniform(0.0, 0.5))  # somewhere inside a step, or inside a checkpoint write
+        proc.kill()
+        proc.wait()
+    assert 0 < step < 10  # the kills did land mid-run
+    assert run_aent(*flags, "--out-dir", str(tmp_path / "killed")).returncode == 0
+
+    straight, killed = load_file(tmp_path / "straight" / "final" / "model.safetensors"), load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    assert all(torch.equal(straight[k], killed[k]) for k in straight)
+    lines = [json.loads(line) for line in open(tmp_path / "killed" / "metrics.jsonl")]
+    reference = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == list(range(1, 11))
+    assert [(m["reward"], m["loss"]) for m in lines] == [(m["reward"], m["loss"]) for m in reference]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "killed" / "samples.jsonl")] == [s for s in (2, 4, 6, 8, 10) for _ in range(3)]
+    checkpoints = [d for d in os.listdir(tmp_path / "killed") if d.startswith("step_") or d == "final"]
+    assert "final" in checkpoints and len(checkpoints) <= 4
+    for d in checkpoints:
+        if not d.endswith(".tmp"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / d)
+            torch.load(tmp_path / "killed" / d / "optimizer.pt", weights_only=False)
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "aent.py", "--model", "tiny", "--steps", "200", "--save-every", "0", "--out-dir", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    start = time.time()
+    while not (out / "metrics.jsonl").exists() and time.time() - start < 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM after step") and "resume" in last
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert torch.load(os.path.join(aent.latest_checkpoint(str(out)), "trainer_state.pt"), weights_only=False)["step"] == steps[-1]
+
+
+def test_non_finite_updates_are_skipped_then_the_run_stops_without_a_bad_checkpoint(tmp_path, monkeypatch):
+    real = aent.policy_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*a, **kw):
+        calls["n"] += 1
+        loss, stats = real(*a, **kw)
+        return (loss * float("nan") if calls["n"] == 1 or calls["n"] > 4 else loss), stats
+
+    monkeypatch.setattr(aent, "policy_loss", sometimes_nan)
+    args = aent.parse_args(["--model", "tiny", "--steps", "10", "--save-every", "1", "--out-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as stop:
+        aent.train(args)
+    assert "non-finite" in str(stop.value) and "without saving" in str(stop.value)
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert lines[0]["skipped_updates"] == 1 and lines[0]["step"] == 1  # the first update skipped, the second applied
+    for d in os.listdir(tmp_path / "run"):
+        if d.startswith("step_"):
+            from safetensors.torch import load_file
+
+            assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / d / "model.safetensors").values())
+
+
+def test_an_output_directory_holding_a_different_run_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    aent.main(["--model", "tiny", "--steps", "1", "--out-dir", out])
+    assert "--lr" in one_line_exit(aent.main, ["--model", "tiny", "--steps", "2", "--lr", "0.5", "--out-dir", out])
+    aent.main(["--model", "tiny", "--steps", "2", "--out-dir", out])  # same settings, more steps: resumes
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "unknown_hub_id", "missing_file", "binary_file", "bad_json", "no_gold", "too_long", "context"])
+def test_bad_training_input_is_one_line_error_before_any_work(tmp_path, tiny_dir, case):
+    data = tmp_path / "d.jsonl"
+    rows = [json.dumps({"question": "What is 2 + 2?", "answer": "#### 4"})] * 3
+    flags = ["--model", str(tiny_dir), "--dataset", str(data), "--max-new-tokens", "8", "--prompts-per-step", "2", "--mini-batch-prompts", "1"]
+    if case == "missing_dir":
+        flags[1], words = str(tmp_path / "nope"), "does not exist"
+    elif case == "unknown_hub_id":
+        flags[1], words = "nobody/no-such-model", "cannot load model"
+    elif case == "missing_file":
+        flags[3], words = str(tmp_path / "absent.jsonl"), "not found"
+    elif case == "binary_file":
+        data.write_bytes(b"\xff\xfe\x00garbage\n")
+        words = "line 1"
+    elif case == "bad_json":
+        rows[1], words = '{"question": "x", ', "line 2"
+    elif case == "no_gold":
+        rows[2], words = json.dumps({"question": "What is 1 + 1?"}), "line 3"
+    elif case == "too_long":
+        flags += ["--max-prompt-tokens", "20", "--long-prompts", "error"]
+        words = "longer than --max-prompt-tokens"
+    elif case == "context":
+        flags[5], words = "5000", "exceeds the model's context"
+    if case != "binary_file":
+        data.write_text("\n".join(rows) + "\n")
+    message = one_line_exit(aent.main, [*flags, "--out-dir", str(tmp_path / "out")])
+    assert words in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_prompts_are_skipped_with_a_count_by_default(tmp_path, tiny_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in ["2+2?", "2+2?", "x" * 100]) + "\n")
+    res = run_aent("--model", str(tiny_dir), "--dataset", str(data), "--max-prompt-tokens", "40", "--max-new-tokens", "4", "--steps", "1",
+                   "--prompts-per-step", "2", "--mini-batch-prompts", "1", "--out-dir", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert "skipped 1 of 3 prompts longer than 40 tokens" in res.stdout
