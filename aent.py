@@ -57,7 +57,7 @@ class Args:
     steps: int = arg(500, "number of training steps (one rollout and one coefficient update each)")
     prompts_per_step: int = arg(32, "prompts per step (recipe: 512 on 4 GPUs)")
     group_size: int = arg(16, "completions sampled per prompt, G")
-    max_prompt_tokens: int = arg(1024, "prompts longer than this are dropped from the dataset")
+    max_prompt_tokens: int = arg(1024, "longest prompt in tokens; longer ones are skipped or an error (see --long-prompts)")
     max_new_tokens: int = arg(3072, "completion length limit; prompt + completion must fit the model's context")
     temperature: float = arg(1.0, "sampling temperature; log-probs and entropies are taken at the same temperature")
     top_p: float = arg(1.0, "nucleus sampling threshold (1.0 = off)")
@@ -109,7 +109,9 @@ TINY_DEMO = dict(
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_DEMO.items())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"With --model tiny, flags not given take the CPU demo's values: {demo}.")
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
         help = f"{f.metadata['help']} (default: {f.default})"
@@ -354,7 +356,7 @@ def load_model(name: str, device: torch.device, seed: int = 0, dtype=torch.float
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             sys.exit(f"error: cannot load model {name!r} (not a local directory, or not reachable on the hub): {str(e).splitlines()[0]}")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -623,8 +625,12 @@ def prune_checkpoints(out_dir: str, keep: int):
 
 def check_same_run(args: Args):
     """An out_dir holds one run: resuming needs the same settings, bar the RESUMABLE ones."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        sys.exit(f"error: --out-dir {args.out_dir} is a file, not a directory")
     path = os.path.join(args.out_dir, "args.json")
     if not os.path.isfile(path):
+        if os.path.isdir(args.out_dir) and any(n == "metrics.jsonl" or n.startswith("step_") for n in os.listdir(args.out_dir)):
+            sys.exit(f"error: {args.out_dir} holds training output but no args.json; choose another --out-dir")
         return
     with open(path) as f:
         saved = json.load(f)
@@ -664,10 +670,9 @@ def step_batches(n_problems: int, prompts_per_step: int, step: int, seed: int) -
     return out
 
 
-def prepare_problems(args: Args, tokenizer, context: Optional[int]):
+def prepare_problems(problems: list[dict], args: Args, tokenizer, context: Optional[int]):
     """Training problems and prompts, long prompts handled per --long-prompts, and the held-out
     (prompt, gold) pairs for --eval-every."""
-    problems = load_problems(args.dataset, args.split)
     prompts = [build_prompt(tokenizer, p["question"]) for p in problems]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
     fits = [i for i, n in enumerate(lengths) if n <= args.max_prompt_tokens]
@@ -719,7 +724,9 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
         order = torch.randperm(args.prompts_per_step)  # shuffle groups, keep each group together
         rows_all = (order[:, None] * G + torch.arange(G)).view(-1)  # [B]
         for mb in rows_all.split(args.mini_batch_prompts * G):
-            n_tok = mask[mb].sum().clamp(min=1).item()
+            n_tok = mask[mb].sum().item()
+            if n_tok == 0:  # every completion masked out (--mask-truncated): nothing to learn from
+                continue
             finite = True
             for rows in mb.split(args.micro_batch_size):
                 m_rows = mask[rows]  # [b, T]
@@ -749,7 +756,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
             else:
                 skipped, bad_tail = skipped + 1, bad_tail + 1
             opt.zero_grad(set_to_none=True)
-    out = {k: v / max(tokens, 1) for k, v in sums.items()}
+    out = {k: v / tokens if tokens else float("nan") for k, v in sums.items()}
     out.update(grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
                updates=len(grad_norms), skipped_updates=skipped, bad_tail=bad_tail)
     return out
@@ -772,6 +779,7 @@ def train(args: Args):
     from tqdm import tqdm
 
     check_args(args)
+    stop = StopRequest()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_same_run(args)
     resume = latest_checkpoint(args.out_dir)
@@ -780,8 +788,9 @@ def train(args: Args):
         print(f"nothing to do: {resume} already holds step {state['step']} of {args.steps}")
         return None
 
+    problems = load_problems(args.dataset, args.split)  # data errors surface before the model loads
     model, tokenizer = load_model(resume or args.model, device, args.seed)
-    problems, prompts, held_out = prepare_problems(args, tokenizer, getattr(model.config, "max_position_embeddings", None))
+    problems, prompts, held_out = prepare_problems(problems, args, tokenizer, getattr(model.config, "max_position_embeddings", None))
     eos_ids = stop_token_ids(model, tokenizer)
     gen = generation_config(tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p)
     greedy = generation_config(tokenizer, eos_ids, args.max_new_tokens, temperature=0)
@@ -814,7 +823,9 @@ def train(args: Args):
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
         return {"step": step, "coef": coef, "bad_in_a_row": bad_in_a_row, "rng": rng}
 
-    stop = StopRequest()
+    if stop.requested:
+        print(f"stopped by {stop.requested} before the first step; nothing to save")
+        return model
     G, B = args.group_size, args.prompts_per_step * args.group_size
     bar = tqdm(range(start, args.steps), desc="steps", dynamic_ncols=True, disable=None, initial=start, total=args.steps)
     for step in bar:
@@ -890,8 +901,8 @@ def train(args: Args):
                 tqdm.write(f"  sample (reward {s['reward']:.0f}, gold {s['gold']}): {s['completion'][:200]!r}")
 
         # ---- checkpoints ---------------------------------------------------------------------
-        last = step + 1 == args.steps
-        if stop.requested or (args.save_every and (step + 1) % args.save_every == 0 and not last):
+        last = step + 1 == args.steps  # the last step always ends in final/
+        if not last and (stop.requested or (args.save_every and (step + 1) % args.save_every == 0)):
             path = os.path.join(args.out_dir, f"step_{step + 1:06d}")
             save_checkpoint(path, model, tokenizer, opt, checkpoint_state(step + 1))
             prune_checkpoints(args.out_dir, args.keep_last)
@@ -906,7 +917,10 @@ def train(args: Args):
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    try:
+        train(parse_args(argv))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
+        sys.exit("interrupted; the last checkpoint in --out-dir is intact")
 
 
 if __name__ == "__main__":

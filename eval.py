@@ -31,7 +31,10 @@ PROTOCOLS = {"qwen": dict(temperature=0.0, top_p=1.0, samples=1), "aent": dict(t
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--model", required=True, help="hub id, or a directory saved by aent.py (or any save_pretrained)")
     p.add_argument("--benchmarks", default="gsm8k,math500", help="comma-separated: gsm8k, math500, math (full MATH test), or .jsonl/.parquet paths")
     p.add_argument("--protocol", choices=PROTOCOLS, default="qwen", help="qwen: greedy, 1 sample; aent: T=0.6, top_p=0.95, 4 samples")
@@ -122,7 +125,14 @@ def main(argv=None):
     names = benchmark_list(args.benchmarks)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     benches = {b: aent.load_problems(BENCHMARKS.get(b, b), split="test")[: args.limit] for b in names}
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        sys.exit(f"error: --out-dir {args.out_dir} is a file, not a directory")
     model, tokenizer = aent.load_model(args.model, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    context = getattr(model.config, "max_position_embeddings", None)
+    for name, problems in benches.items():
+        longest = max(len(ids) for ids in tokenizer([aent.build_prompt(tokenizer, p["question"]) for p in problems], add_special_tokens=False).input_ids)
+        if context and longest + args.max_new_tokens > context:
+            sys.exit(f"error: {name}: the longest prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context}")
     eos_ids = aent.stop_token_ids(model, tokenizer)
     gen = aent.generation_config(tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p)
     torch.manual_seed(args.seed)

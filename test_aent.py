@@ -749,3 +749,41 @@ def test_long_prompts_are_skipped_with_a_count_by_default(tmp_path, tiny_dir):
                    "--prompts-per-step", "2", "--mini-batch-prompts", "1", "--out-dir", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-1500:]
     assert "skipped 1 of 3 prompts longer than 40 tokens" in res.stdout
+
+
+def test_dataset_errors_come_before_the_model_is_loaded(tmp_path):
+    message = one_line_exit(aent.main, ["--model", "nobody/no-such-model", "--dataset", str(tmp_path / "absent.jsonl"), "--out-dir", str(tmp_path / "o")])
+    assert "absent.jsonl" in message
+
+
+def test_an_out_dir_that_is_a_file_or_holds_foreign_output_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in one_line_exit(aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "file")])
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "metrics.jsonl").write_text("hi\n")
+    assert "no args.json" in one_line_exit(aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "foreign")])
+    assert (tmp_path / "foreign" / "metrics.jsonl").read_text() == "hi\n"
+
+
+def test_a_step_with_every_completion_masked_out_changes_neither_weights_nor_coefficient(tmp_path):
+    args = aent.parse_args(["--model", "tiny", "--steps", "2", "--max-new-tokens", "1", "--mask-truncated", "--group-size", "2",
+                            "--prompts-per-step", "2", "--mini-batch-prompts", "1", "--coef-warmup", "1", "--out-dir", str(tmp_path / "run")])
+    before = aent.build_tiny(seed=0)[0].state_dict()
+    model = aent.train(args)
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(m["truncated_frac"] == 1.0 for m in lines)  # one new token, never an EOS here
+    assert all(math.isnan(m["entropy_clamped"]) for m in lines) and [m["entropy_coef"] for m in lines] == [args.entropy_coef] * 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_signal_during_the_last_step_still_writes_final(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "aent.py", "--model", "tiny", "--steps", "2", "--out-dir", str(out)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    start = time.time()
+    while not (out / "metrics.jsonl").exists() and time.time() - start < 120:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-1500:]
+    assert (out / "final" / "trainer_state.pt").exists() and stdout.strip().splitlines()[-1].startswith("done: 2 steps")
