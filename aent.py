@@ -763,23 +763,29 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+    """Once installed, SIGINT/SIGTERM ask the loop to stop after the current step; a second
+    SIGINT stops at once. The command line installs it; a caller of train() may or may not."""
 
-    def __init__(self):
-        self.requested = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
+    requested = None
+
+    def install(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         self.requested = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def train(args: Args):
+def train(args: Args, stop: Optional[StopRequest] = None):
     from tqdm import tqdm
 
     check_args(args)
-    stop = StopRequest()
+    stop = stop or StopRequest()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_same_run(args)
     resume = latest_checkpoint(args.out_dir)
@@ -917,10 +923,14 @@ def train(args: Args):
 
 
 def main(argv=None):
+    args = parse_args(argv)
+    stop = StopRequest().install()
     try:
-        train(parse_args(argv))
+        train(args, stop)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
         sys.exit("interrupted; the last checkpoint in --out-dir is intact")
+    finally:
+        stop.uninstall()
 
 
 if __name__ == "__main__":

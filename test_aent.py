@@ -665,16 +665,24 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights_as_an_uninte
             torch.load(tmp_path / "killed" / d / "optimizer.pt", weights_only=False)
 
 
-def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "aent.py", "--model", "tiny", "--steps", "200", "--save-every", "0", "--out-dir", str(out)],
+def sigterm_once_a_step_is_logged(out, steps):
+    """Start a tiny run, send SIGTERM as soon as its first step is logged; (returncode, stdout, stderr).
+    Steps of 1024 sequences take long enough here for the signal to land inside step 2."""
+    flags = ["--model", "tiny", "--steps", str(steps), "--save-every", "0", "--prompts-per-step", "64", "--out-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "aent.py", *flags],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     start = time.time()
     while not (out / "metrics.jsonl").exists() and time.time() - start < 120:
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
+    return proc.returncode, stdout, stderr
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    code, stdout, stderr = sigterm_once_a_step_is_logged(out, steps=200)
+    assert code == 0, stderr[-2000:]
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("stopped by SIGTERM after step") and "resume" in last
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
@@ -778,12 +786,6 @@ def test_a_step_with_every_completion_masked_out_changes_neither_weights_nor_coe
 
 def test_a_signal_during_the_last_step_still_writes_final(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "aent.py", "--model", "tiny", "--steps", "2", "--out-dir", str(out)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    start = time.time()
-    while not (out / "metrics.jsonl").exists() and time.time() - start < 120:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-1500:]
+    code, stdout, stderr = sigterm_once_a_step_is_logged(out, steps=2)
+    assert code == 0, stderr[-1500:]
     assert (out / "final" / "trainer_state.pt").exists() and stdout.strip().splitlines()[-1].startswith("done: 2 steps")
