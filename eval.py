@@ -26,7 +26,7 @@ import torch
 
 import aent
 
-BENCHMARKS = {"gsm8k": "gsm8k", "math500": "math500", "math": "math"}  # name -> aent.HUB_DATASETS key
+BENCHMARKS = aent.HUB_DATASETS  # gsm8k, math500, math: loaded with split="test"
 PROTOCOLS = {"qwen": dict(temperature=0.0, top_p=1.0, samples=1), "aent": dict(temperature=0.6, top_p=0.95, samples=4)}
 
 
@@ -124,13 +124,14 @@ def main(argv=None):
     args = parse_args(argv)
     names = benchmark_list(args.benchmarks)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    benches = {b: aent.load_problems(BENCHMARKS.get(b, b), split="test")[: args.limit] for b in names}
+    benches = {b: aent.load_problems(b, split="test")[: args.limit] for b in names}
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         sys.exit(f"error: --out-dir {args.out_dir} is a file, not a directory")
     model, tokenizer = aent.load_model(args.model, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     context = getattr(model.config, "max_position_embeddings", None)
-    for name, problems in benches.items():
-        longest = max(len(ids) for ids in tokenizer([aent.build_prompt(tokenizer, p["question"]) for p in problems], add_special_tokens=False).input_ids)
+    prompts_of = {name: [aent.build_prompt(tokenizer, p["question"]) for p in problems] for name, problems in benches.items()}
+    for name, prompts in prompts_of.items():
+        longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids)
         if context and longest + args.max_new_tokens > context:
             sys.exit(f"error: {name}: the longest prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context}")
     eos_ids = aent.stop_token_ids(model, tokenizer)
@@ -143,7 +144,7 @@ def main(argv=None):
                "samples": args.samples, "max_new_tokens": args.max_new_tokens, "benchmarks": {}}
     predictions = []
     for name, problems in benches.items():
-        prompts = [aent.build_prompt(tokenizer, p["question"]) for p in problems]
+        prompts = prompts_of[name]
         t0 = time.time()
         bar = tqdm(total=len(prompts), desc=name, unit="problem", dynamic_ncols=True)
         completions = aent.complete(model, tokenizer, prompts, gen, args.samples, args.batch_size, on_batch=bar.update)
