@@ -19,6 +19,7 @@
 """
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -35,7 +36,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,8 +394,8 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids) -> torch.Tensor:
 
 
 def generation_config(tokenizer, eos_ids, max_new_tokens, temperature=1.0, top_p=1.0):
-    """Every sampling field explicit, so the checkpoint's generation_config changes none of them.
-    temperature 0 is greedy decoding."""
+    """What to sample, every field explicit so the checkpoint's generation_config changes none of
+    them. temperature 0 is greedy decoding. `rollout` draws the tokens with `InverseCDFSampler`."""
     from transformers import GenerationConfig
 
     sample = temperature > 0
@@ -403,6 +403,32 @@ def generation_config(tokenizer, eos_ids, max_new_tokens, temperature=1.0, top_p
         do_sample=sample, temperature=temperature if sample else 1.0, top_p=top_p if sample else 1.0, top_k=0 if sample else None,
         max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
+
+
+class InverseCDFSampler:
+    """A logits processor that draws the next token from softmax(scores / T), restricted to the
+    top_p nucleus, and leaves only that token's score finite, so generate's greedy step returns it.
+
+    Why not generate's own sampler: torch.multinomial draws one exponential random number per
+    vocabulary entry per row per step; at Qwen's 151,936 tokens that is three quarters of CPU
+    decoding time. Inverse-CDF sampling draws one uniform number per row: the first token whose
+    cumulative probability (float64) exceeds it. Same distribution, one pass over the vocabulary.
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0):
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature if self.temperature != 1.0 else scores.float()  # [B, V]
+        if self.top_p < 1.0:  # keep the fewest highest-probability tokens whose mass reaches top_p
+            sorted_logits, order = logits.sort(-1, descending=True)  # [B, V]
+            probs = sorted_logits.softmax(-1)  # [B, V]
+            outside = probs.cumsum(-1) - probs >= self.top_p  # [B, V] the mass before this token already reaches top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+        cdf = logits.double().sub_(logits.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # [B, V] unnormalised
+        u = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]  # [B, 1] uniform on [0, total)
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(1) - 1)  # [B, 1] first cdf > u
+        return scores.fill_(float("-inf")).scatter_(-1, token, 0.0)  # [B, V] in place: generate's own fp32 copy
 
 
 @torch.no_grad()
@@ -413,6 +439,8 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size: int = 1, batc
     [B, P+T], mask [B, T] over completion tokens, truncated [B], and the decoded completions
     (B = prompts * group_size). `gen` comes from `generation_config`.
     """
+    from transformers import LogitsProcessorList
+
     eos_ids = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -420,15 +448,20 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size: int = 1, batc
     prompt_attn = enc.attention_mask.repeat_interleave(group_size, 0)  # [B, P]
     # generate fills every field left unset (repetition_penalty, min_new_tokens, ...) from
     # model.generation_config, so that is swapped for ours while sampling.
+    # Sampling runs as a logits processor followed by greedy selection (see InverseCDFSampler).
+    sampler = [InverseCDFSampler(gen.temperature, gen.top_p)] if gen.do_sample else []
+    run = copy.deepcopy(gen)
+    run.do_sample, run.temperature, run.top_p, run.top_k = False, None, None, None
     saved_config, was_training = model.generation_config, model.training
-    model.generation_config = gen
+    model.generation_config = run
     model.eval()  # gradient checkpointing is only active in train mode, so the KV cache is used here
     chunks = []
     try:
         for i in range(0, len(prompt_ids), batch_size):
             with autocast(device):
                 out = model.generate(
-                    input_ids=prompt_ids[i : i + batch_size], attention_mask=prompt_attn[i : i + batch_size], generation_config=gen
+                    input_ids=prompt_ids[i : i + batch_size], attention_mask=prompt_attn[i : i + batch_size],
+                    generation_config=run, logits_processor=LogitsProcessorList(sampler),
                 )
             chunks.append(out[:, prompt_ids.size(1) :])  # [b, T_i]
     finally:
@@ -482,6 +515,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
 # ----------------------------------------------------------------------------------------------
 # 7. Clamped entropy
 # ----------------------------------------------------------------------------------------------
+def kept_count(V: int, drop_frac: float = 0.0, top_k: Optional[int] = None) -> int:
+    """|A_k|: top_k, or V minus the int(drop_frac * V) lowest-logit tokens."""
+    k = V - int(drop_frac * V) if top_k is None else min(top_k, V)
+    if k < 1:
+        raise ValueError(f"clamped entropy keeps no token (V={V}, drop_frac={drop_frac}, top_k={top_k})")
+    return k
+
+
 def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optional[int] = None) -> torch.Tensor:
     """H~(s) = -sum_{a in A_k} pi~(a) log pi~(a),  pi~(a) = pi(a) / sum_{a' in A_k} pi(a').
 
@@ -489,31 +530,133 @@ def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optiona
     logits [..., V], already divided by the temperature -> entropy [...]. drop_frac=0 is the
     ordinary entropy. The kept set is a discrete choice: gradient reaches only the kept logits.
     Logits [2, 1, -9], drop_frac 0.34 -> entropy of softmax([2, 1]) = 0.582.
+    The plain definition, kept readable; training uses the equal but leaner `TokenStats`.
     """
     V = logits.size(-1)
-    k = V - int(drop_frac * V) if top_k is None else min(top_k, V)
-    if k < 1:
-        raise ValueError(f"clamped entropy keeps no token (V={V}, drop_frac={drop_frac}, top_k={top_k})")
+    k = kept_count(V, drop_frac, top_k)
     kept = logits if k == V else logits.topk(k, dim=-1, sorted=False).values  # [..., k]
     logp = kept.float().log_softmax(-1)  # [..., k]
     return -(logp.exp() * logp).sum(-1)  # [...]
 
 
-def _chunk_stats(hidden, targets, head, temperature, drop_frac, top_k):
-    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, also under bf16 autocast
-        logits = head(hidden.float()) / temperature  # [C, V]
-    logp_all = logits.log_softmax(-1)  # [C, V]
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # [C]
-    h_full = -(logp_all.exp() * logp_all).sum(-1)  # [C]
-    h_clamped = h_full if drop_frac == 0 and top_k is None else clamped_entropy(logits, drop_frac, top_k)  # [C]
-    return logp, h_clamped, h_full
+def kept_threshold(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_k as a threshold instead of a sort: z [C, V] -> (tau [C, 1], tie [C, 1]).
+
+    tau is the k-th largest logit, found by kthvalue (a selection, not a sort of the vocabulary).
+    Tokens with z > tau are kept. Tokens with z == tau count with weight
+    tie = (k - #{z > tau}) / #{z == tau}, so that exactly k tokens are kept as with topk; tied
+    tokens have equal logits, so the entropy is the one topk gives, whichever of them it keeps.
+    Without ties (the rule for fp32 logits) tie = 1 and A_k = {z >= tau}.
+    """
+    tau = z.kthvalue(z.size(-1) - k + 1, dim=-1, keepdim=True).values  # [C, 1]
+    above = (z > tau).sum(-1, keepdim=True)  # [C, 1]
+    at = (z == tau).sum(-1, keepdim=True)  # [C, 1], at least 1
+    return tau, (k - above) / at
 
 
-def token_stats(model, input_ids, attention_mask, mask, temperature=1.0, drop_frac=0.0, top_k=None, chunk=1024):
+def kept_mask(z: torch.Tensor, tau: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """Membership of A_k for each logit: bool [C, V], or fp32 weights where a tie at tau is split."""
+    if bool((tie == 1).all()):
+        return z >= tau
+    return torch.where(z > tau, 1.0, torch.where(z == tau, tie, 0.0))
+
+
+def _logits(hidden, weight, bias, temperature):
+    """fp32 logits / T for rows of hidden states, also under bf16 autocast: [C, D] -> [C, V]."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        z = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())  # [C, V]
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _shifted_entropy(zs, member, out):
+    """For zs = z - max(z) [C, V] and a membership (None: all tokens): log sum exp(zs) over the
+    members and the entropy of softmax(z) over them. `out` is scratch space of zs's shape."""
+    e = torch.exp(zs, out=out)  # [C, V]
+    if member is not None:
+        e.mul_(member)
+    total = e.sum(-1)  # [C]
+    return total.log(), total.log() - e.mul_(zs).sum(-1) / total  # H = log Z - E[z], both [C]
+
+
+class TokenStats(torch.autograd.Function):
+    """log pi(y), clamped entropy H~ and full entropy H for rows of hidden states, `chunk` rows at a time.
+
+    The lean version of: logits = hidden @ W.T / T in fp32 (T: the sampling temperature), then
+    log_softmax, gather and `clamped_entropy`, with the same numbers. No fp32 [N, V] tensor is ever
+    alive: the forward keeps a few numbers per row (log Z, log Z over A_k, H~, tau), and the
+    backward recomputes one chunk's logits at a time and applies the closed-form gradient
+        d log pi(y) / dz_a = 1[a = y] - pi(a)
+        d H~ / dz_a        = -pi~(a) (log pi~(a) + H~)  for a in A_k, 0 elsewhere.
+    Peak extra memory: two fp32 [chunk, V] buffers and a bool mask. H is for logging: no gradient.
+    hidden [N, D], weight [V, D], bias [V] or None, targets [N] -> three [N] fp32 tensors.
+    With entropy=False only log pi(y) is computed (the entropies are returned as zeros).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, k, chunk, entropy=True):
+        N, V, dev = len(targets), weight.size(0), hidden.device
+        logp, lse, lse_k, h_clamped, h_full = (torch.zeros(N, device=dev) for _ in range(5))  # [N] each
+        tau, tie = torch.full((N, 1), float("-inf"), device=dev), torch.ones(N, 1, device=dev)  # [N, 1]
+        for s in (slice(i, i + chunk) for i in range(0, N, chunk)):
+            z = _logits(hidden[s], weight, bias, temperature)  # [C, V]
+            y = targets[s, None]  # [C, 1]
+            member = None
+            if entropy and k < V:
+                tau[s], tie[s] = kept_threshold(z, k)
+                member = kept_mask(z, tau[s], tie[s])  # [C, V]
+            m = z.amax(-1)  # [C]
+            zs = z.sub_(m[:, None])  # [C, V] z - max, in place
+            if entropy:
+                scratch = torch.empty_like(zs)
+                log_total, h_full[s] = _shifted_entropy(zs, None, scratch)
+                log_total_k, h_clamped[s] = (log_total, h_full[s]) if member is None else _shifted_entropy(zs, member, scratch)
+                lse_k[s] = m + log_total_k
+            else:
+                log_total = zs.logsumexp(-1)
+            lse[s] = m + log_total
+            logp[s] = zs.gather(-1, y).squeeze(-1) - log_total
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, lse_k, h_clamped, tau, tie)
+        ctx.temperature, ctx.k, ctx.chunk, ctx.entropy = temperature, k, chunk, entropy
+        ctx.mark_non_differentiable(h_full)
+        if not entropy:
+            ctx.mark_non_differentiable(h_clamped)
+        return logp, h_clamped, h_full
+
+    @staticmethod
+    def backward(ctx, g_logp, g_clamped, _):
+        hidden, weight, bias, targets, lse, lse_k, h_clamped, tau, tie = ctx.saved_tensors
+        T, V = ctx.temperature, weight.size(0)
+        grad_h = torch.zeros(hidden.shape, device=hidden.device)  # [N, D] fp32
+        grad_w = torch.zeros(weight.shape, device=weight.device)  # [V, D]
+        grad_b = None if bias is None else torch.zeros(bias.shape, device=bias.device)  # [V]
+        g_logp = (torch.zeros_like(lse) if g_logp is None else g_logp.float()) / T  # [N], 1/T from z = logits / T
+        entropy_grad = ctx.entropy and g_clamped is not None
+        if entropy_grad:
+            g_clamped = g_clamped.float() / T  # [N]
+        for s in (slice(i, i + ctx.chunk) for i in range(0, len(targets), ctx.chunk)):
+            z = _logits(hidden[s], weight, bias, T)  # [C, V] recomputed
+            pi = torch.sub(z, lse[s, None]).exp_()  # [C, V]
+            if entropy_grad:  # -g~ * pi~ * (z - log Z_k + H~),  pi~ = pi * Z / Z_k on A_k
+                member = kept_mask(z, tau[s], tie[s]) if ctx.k < V else None  # [C, V]
+                grad = z.sub_((lse_k[s] - h_clamped[s])[:, None]).mul_((-g_clamped[s] * (lse[s] - lse_k[s]).exp())[:, None])
+                if member is not None:
+                    grad.mul_(member)
+                grad.sub_(g_logp[s, None]).mul_(pi)  # + the log-prob term -g * pi
+            else:
+                grad = pi.mul_(-g_logp[s, None])
+            grad.scatter_add_(-1, targets[s, None], g_logp[s, None])  # + g * onehot(y)
+            grad_h[s] = grad @ weight.float()  # [C, D]
+            grad_w.addmm_(grad.t(), hidden[s].float())  # [V, D]
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), grad_b, None, None, None, None, None
+
+
+def token_stats(model, input_ids, attention_mask, mask, temperature=1.0, drop_frac=0.0, top_k=None, chunk=1024, entropy=True):
     """Per completion token: log pi(y_t), clamped entropy and full entropy, each [B, T], 0 where mask is 0.
 
-    Logits exist only at kept completion positions, in fp32, `chunk` tokens at a time; with
-    gradients on, each chunk is recomputed in the backward, so one chunk's fp32 logits are alive.
+    Logits exist only at kept completion positions, in fp32, `chunk` tokens at a time (`TokenStats`).
+    entropy=False computes log pi(y_t) only.
     """
     T = mask.size(1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] as generate sets them under left padding
@@ -523,17 +666,11 @@ def token_stats(model, input_ids, attention_mask, mask, temperature=1.0, drop_fr
     keep = mask.bool()
     hidden = hidden[:, -T - 1 : -1][keep]  # [N, D] the states that predict completion tokens
     targets = input_ids[:, -T:][keep]  # [N]
-    stats = functools.partial(
-        _chunk_stats, head=model.get_output_embeddings(), temperature=temperature, drop_frac=drop_frac, top_k=top_k
-    )
-    outs = []
-    for i in range(0, len(targets), chunk):
-        h, y = hidden[i : i + chunk], targets[i : i + chunk]
-        outs.append(checkpoint(stats, h, y, use_reentrant=False) if torch.is_grad_enabled() else stats(h, y))
+    head = model.get_output_embeddings()
+    k = kept_count(head.weight.size(0), drop_frac, top_k)
+    stats = TokenStats.apply(hidden, head.weight, head.bias, targets, temperature, k, chunk, entropy)
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    if not outs:
-        return zeros, zeros, zeros
-    return tuple(zeros.masked_scatter(keep, torch.cat(x)) for x in zip(*outs))  # 3 x [B, T]
+    return tuple(zeros.masked_scatter(keep, x) for x in stats)  # 3 x [B, T]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,16 +842,20 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
     and counts of updates applied, skipped, and skipped since the last applied one."""
     device = next(model.parameters()).device
     G, B = args.group_size, mask.size(0)
-    drop_frac = args.drop_frac if args.entropy != "full" else 0.0
+    # --entropy full keeps every token, so the "clamped" entropy is the full one
+    drop_frac, top_k = (args.drop_frac, args.top_k) if args.entropy != "full" else (0.0, None)
 
     def stats(net, rows, grad=False):
         with torch.set_grad_enabled(grad), autocast(device):
             return token_stats(net, roll["input_ids"][rows], roll["attention_mask"][rows], mask[rows],
-                               args.temperature, drop_frac, args.top_k, args.logits_chunk)
+                               args.temperature, drop_frac, top_k, args.logits_chunk, entropy=grad)
 
+    # With a single update per step the policy is still the rollout policy when the loss is
+    # computed, so old log-probs are that pass's own, detached: no separate scoring pass.
+    on_policy = args.ppo_epochs == 1 and args.mini_batch_prompts >= args.prompts_per_step
     micro = torch.arange(B).split(args.micro_batch_size)
     model.eval()
-    old_logp = torch.cat([stats(model, rows)[0] for rows in micro])  # [B, T] the rollout policy
+    old_logp = None if on_policy else torch.cat([stats(model, rows)[0] for rows in micro])  # [B, T] the rollout policy
     ref_logp = torch.cat([stats(ref_model, rows)[0] for rows in micro]) if ref_model else None  # [B, T]
     model.train()
 
@@ -734,8 +875,10 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
                 if n == 0:  # every completion here was masked out (--mask-truncated)
                     continue
                 logp, h_clamped, h_full = stats(model, rows, grad=True)  # [b, T] each
-                loss, st = policy_loss(logp, old_logp[rows], adv[rows], m_rows, args.clip_low, args.clip_high, args.dual_clip)
-                loss = loss - coef * masked_mean(h_clamped if args.entropy == "clamped" else h_full, m_rows)
+                old = logp.detach() if on_policy else old_logp[rows]  # [b, T]
+                loss, st = policy_loss(logp, old, adv[rows], m_rows, args.clip_low, args.clip_high, args.dual_clip)
+                if coef:  # the bonus; without it the backward skips the entropy term
+                    loss = loss - coef * masked_mean(h_clamped, m_rows)
                 if ref_logp is not None:
                     kl = masked_mean(kl_penalty(logp, ref_logp[rows]), m_rows)
                     loss = loss + args.beta * kl

@@ -306,7 +306,8 @@ def test_token_stats_reproduce_generates_own_scores_under_left_padding(tiny):
     torch.testing.assert_close(logp, expected * mask, rtol=1e-4, atol=1e-4)
 
 
-def test_chunked_token_stats_and_their_gradients_match_a_float64_full_logits_reference(tiny):
+@pytest.mark.parametrize("drop_frac,top_k,temperature", [(0.33, None, 0.8), (0.0, None, 1.0), (0.0, 7, 1.3)])
+def test_lean_token_stats_and_their_gradients_match_a_float64_full_logits_reference(tiny, drop_frac, top_k, temperature):
     model, _ = tiny
     torch.manual_seed(3)
     B, P, T, V = 3, 5, 7, model.config.vocab_size
@@ -316,27 +317,100 @@ def test_chunked_token_stats_and_their_gradients_match_a_float64_full_logits_ref
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, 4:] = 0  # a completion that ended early
     attention_mask[:, P:] = mask
-    w = torch.randn(3, B, T)
+    w = torch.randn(2, B, T)
 
     model32 = model.train()
-    logp, hc, hf = aent.token_stats(model32, input_ids, attention_mask, mask, temperature=0.8, drop_frac=0.33, chunk=4)
-    ((w[0] * logp + w[1] * hc + w[2] * hf) * mask).sum().backward()
+    logp, hc, hf = aent.token_stats(model32, input_ids, attention_mask, mask, temperature, drop_frac, top_k, chunk=4)
+    assert not hf.requires_grad  # the full entropy is logged, never differentiated
+    ((w[0] * logp + w[1] * hc) * mask).sum().backward()
     grads = {n: p.grad.clone() for n, p in model32.named_parameters()}
     model32.zero_grad()
 
     model64 = aent.build_tiny(seed=0)[0].double().train()
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model64(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, P - 1 : -1] / 0.8
+    logits = model64(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, P - 1 : -1] / temperature
     ref_logp = logits.log_softmax(-1).gather(-1, input_ids[:, P:, None]).squeeze(-1)
     ref_hf = torch.distributions.Categorical(logits=logits).entropy()
-    kept = logits.topk(V - int(0.33 * V), dim=-1).values
+    kept = logits.topk(top_k or V - int(drop_frac * V), dim=-1).values
     ref_hc = torch.distributions.Categorical(logits=kept).entropy()
-    ((w[0] * ref_logp + w[1] * ref_hc + w[2] * ref_hf) * mask).sum().backward()
+    ((w[0] * ref_logp + w[1] * ref_hc) * mask).sum().backward()
 
     for got, ref in [(logp, ref_logp), (hc, ref_hc), (hf, ref_hf)]:
         torch.testing.assert_close(got.double(), ref.detach() * mask, rtol=1e-4, atol=1e-4)
     for name, p in model64.named_parameters():
         torch.testing.assert_close(grads[name].double(), p.grad, rtol=1e-3, atol=1e-5)
+
+
+def ref_token_stats(hidden, weight, bias, targets, temperature, k):
+    """float64 log pi(y), clamped entropy (top-k by a full sort) and full entropy from full logits."""
+    z = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) / temperature  # [N, V]
+    logp = z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    kept = z.sort(-1, descending=True).values[:, :k]
+    return logp, torch.distributions.Categorical(logits=kept).entropy(), torch.distributions.Categorical(logits=z).entropy()
+
+
+@pytest.mark.parametrize("N,V,chunk,k,temperature,with_bias", [
+    (37, 3001, 8, 3001 - int(0.33 * 3001), 1.0, False),  # uneven last chunk, AEnt's drop fraction
+    (20, 500, 64, 20, 0.6, True),  # one chunk, top-k, a bias, T != 1
+    (9, 257, 4, 257, 1.3, False),  # nothing dropped: clamped = full
+])
+def test_token_stats_function_matches_float64_values_and_gradients(N, V, chunk, k, temperature, with_bias):
+    torch.manual_seed(N)
+    hidden = (torch.randn(N, 16) * 2).requires_grad_()
+    weight = torch.randn(V, 16).requires_grad_()
+    bias = torch.randn(V).requires_grad_() if with_bias else None
+    targets = torch.randint(0, V, (N,))
+    g = torch.randn(2, N)
+    logp, hc, hf = aent.TokenStats.apply(hidden, weight, bias, targets, temperature, k, chunk)
+    (g[0] * logp + g[1] * hc).sum().backward()
+
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
+    r_logp, r_hc, r_hf = ref_token_stats(leaves[0], leaves[1], leaves[2] if with_bias else None, targets, temperature, k)
+    (g[0] * r_logp + g[1] * r_hc).sum().backward()
+    for got, ref in [(logp, r_logp), (hc, r_hc), (hf, r_hf)]:
+        torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for got, ref in zip([hidden, weight] + ([bias] if with_bias else []), leaves):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5 * ref.grad.abs().max().item())
+    with torch.no_grad():  # the scoring pass: log-probs only, the same numbers
+        only = aent.TokenStats.apply(hidden, weight, bias, targets, temperature, k, chunk, False)[0]
+    torch.testing.assert_close(only, logp.detach(), rtol=0, atol=1e-6)
+
+
+def test_token_stats_keep_exactly_k_tokens_when_logits_tie_at_the_boundary():
+    # duplicate head rows give exactly equal logits; the k-th largest falls inside a tied group
+    torch.manual_seed(0)
+    base = torch.randn(6, 8)
+    weight = base[[0, 1, 2, 2, 2, 3, 3, 4, 5, 5]].clone().requires_grad_()  # V = 10 with ties
+    hidden = torch.randn(12, 8).requires_grad_()
+    targets = torch.randint(0, 10, (12,))
+    for k in range(1, 11):
+        hc = aent.TokenStats.apply(hidden, weight, None, targets, 1.0, k, 5)[1]
+        z = hidden.detach() @ weight.detach().T
+        torch.testing.assert_close(hc, aent.clamped_entropy(z, top_k=k), rtol=1e-5, atol=1e-6)
+        h64 = hidden.detach().double().requires_grad_()
+        ref = ref_token_stats(h64, weight.detach(), None, targets, 1.0, k)[1]
+        ref.sum().backward()  # tied rows are equal, so d/dhidden does not depend on which of them top-k keeps
+        hidden.grad = None
+        hc.sum().backward()
+        torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
+def test_inverse_cdf_sampler_draws_from_the_tempered_nucleus_distribution(temperature, top_p):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
+    p = (logits.double() / temperature).softmax(-1)
+    order = p.argsort(descending=True)
+    before = p[order].cumsum(0) - p[order]
+    nucleus = torch.zeros(6, dtype=torch.bool)
+    nucleus[order[before < top_p]] = True  # the fewest most likely tokens with mass >= top_p
+    expected = torch.where(nucleus, p, 0.0) / p[nucleus].sum()
+    n = 200_000
+    torch.manual_seed(0)
+    scores = aent.InverseCDFSampler(temperature, top_p)(None, logits.repeat(n, 1))  # [n, 6]
+    assert ((scores == 0).sum(-1) == 1).all() and torch.isinf(scores).sum() == 5 * n  # one finite score per row
+    freq = torch.bincount(scores.argmax(-1), minlength=6).double() / n
+    assert (freq[~nucleus] == 0).all()
+    torch.testing.assert_close(freq, expected, rtol=0, atol=0.006)  # 5 standard errors at n = 200k
 
 
 def test_rollout_samples_groups_and_ignores_the_checkpoints_generation_config(tiny):
@@ -784,8 +858,17 @@ def test_a_step_with_every_completion_masked_out_changes_neither_weights_nor_coe
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_signal_during_the_last_step_still_writes_final(tmp_path):
+def test_a_signal_during_the_last_step_still_writes_final(tmp_path, monkeypatch, capsys):
+    stop, real, calls = aent.StopRequest(), aent.policy_update, []
+
+    def update(*a, **k):  # the signal lands inside the last step's update
+        calls.append(1)
+        if len(calls) == 2:
+            stop.requested = "SIGTERM"
+        return real(*a, **k)
+
+    monkeypatch.setattr(aent, "policy_update", update)
     out = tmp_path / "run"
-    code, stdout, stderr = sigterm_once_a_step_is_logged(out, steps=2)
-    assert code == 0, stderr[-1500:]
-    assert (out / "final" / "trainer_state.pt").exists() and stdout.strip().splitlines()[-1].startswith("done: 2 steps")
+    aent.train(aent.parse_args(["--model", "tiny", "--steps", "2", "--save-every", "0", "--out-dir", str(out)]), stop)
+    assert (out / "final" / "trainer_state.pt").exists() and not list(out.glob("step_*"))
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: 2 steps")
