@@ -539,43 +539,41 @@ def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optiona
     return -(logp.exp() * logp).sum(-1)  # [...]
 
 
-def kept_threshold(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_k as a threshold instead of a sort: z [C, V] -> (tau [C, 1], tie [C, 1]).
+def kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of each row of z [C, V] -> [C, 1]. A selection (topk of whichever
+    side is smaller, unsorted), not a sort of the vocabulary."""
+    V = z.size(-1)
+    if k <= V - k + 1:
+        return z.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return z.topk(V - k + 1, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
 
-    tau is the k-th largest logit, found by kthvalue (a selection, not a sort of the vocabulary).
-    Tokens with z > tau are kept. Tokens with z == tau count with weight
-    tie = (k - #{z > tau}) / #{z == tau}, so that exactly k tokens are kept as with topk; tied
-    tokens have equal logits, so the entropy is the one topk gives, whichever of them it keeps.
-    Without ties (the rule for fp32 logits) tie = 1 and A_k = {z >= tau}.
+
+def kept_weights(z: torch.Tensor, tau: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """A_k as weights [C, V], written into out: 1 where z >= tau (the k-th largest), else 0.
+
+    Exactly k tokens are kept, as with topk: if more than k reach tau (ties at tau), the tied
+    tokens share the places left, each with weight (k - #{z > tau}) / #{z == tau}. Tied tokens
+    have equal logits, so the entropy is the one topk gives whichever of them it keeps. Ties are
+    rare but real: among 151,936 fp32 logits, two equal values at tau happen every few hundred rows.
     """
-    tau = z.kthvalue(z.size(-1) - k + 1, dim=-1, keepdim=True).values  # [C, 1]
-    above = (z > tau).sum(-1, keepdim=True)  # [C, 1]
-    at = (z == tau).sum(-1, keepdim=True)  # [C, 1], at least 1
-    return tau, (k - above) / at
+    w = torch.ge(z, tau, out=out)  # [C, V] 0/1
+    surplus = w.sum(-1) - k  # [C] > 0 only where tokens tie at tau
+    for r in surplus.nonzero().flatten().tolist():
+        tied = z[r] == tau[r]  # [V]
+        w[r, tied] = 1 - surplus[r] / tied.sum()
+    return w
 
 
-def kept_mask(z: torch.Tensor, tau: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
-    """Membership of A_k for each logit: bool [C, V], or fp32 weights where a tie at tau is split."""
-    if bool((tie == 1).all()):
-        return z >= tau
-    return torch.where(z > tau, 1.0, torch.where(z == tau, tie, 0.0))
-
-
-def _logits(hidden, weight, bias, temperature):
-    """fp32 logits / T for rows of hidden states, also under bf16 autocast: [C, D] -> [C, V]."""
+def _logits(hidden, weight, bias, temperature, out):
+    """fp32 logits / T written into out [C, V], also under bf16 autocast."""
     with torch.autocast(hidden.device.type, enabled=False):
-        z = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())  # [C, V]
-    return z.div_(temperature) if temperature != 1.0 else z
+        h, w = hidden.float(), weight.float()
+        torch.mm(h, w.t(), out=out) if bias is None else torch.addmm(bias.float(), h, w.t(), out=out)
+    return out.div_(temperature) if temperature != 1.0 else out
 
 
-def _shifted_entropy(zs, member, out):
-    """For zs = z - max(z) [C, V] and a membership (None: all tokens): log sum exp(zs) over the
-    members and the entropy of softmax(z) over them. `out` is scratch space of zs's shape."""
-    e = torch.exp(zs, out=out)  # [C, V]
-    if member is not None:
-        e.mul_(member)
-    total = e.sum(-1)  # [C]
-    return total.log(), total.log() - e.mul_(zs).sum(-1) / total  # H = log Z - E[z], both [C]
+def _rowdot(a, b):
+    return torch.einsum("cv,cv->c", a, b)  # [C]
 
 
 class TokenStats(torch.autograd.Function):
@@ -583,39 +581,44 @@ class TokenStats(torch.autograd.Function):
 
     The lean version of: logits = hidden @ W.T / T in fp32 (T: the sampling temperature), then
     log_softmax, gather and `clamped_entropy`, with the same numbers. No fp32 [N, V] tensor is ever
-    alive: the forward keeps a few numbers per row (log Z, log Z over A_k, H~, tau), and the
+    alive: the forward keeps a few numbers per row (log Z, log Z over A_k, H~, tau) and the
     backward recomputes one chunk's logits at a time and applies the closed-form gradient
         d log pi(y) / dz_a = 1[a = y] - pi(a)
-        d H~ / dz_a        = -pi~(a) (log pi~(a) + H~)  for a in A_k, 0 elsewhere.
-    Peak extra memory: two fp32 [chunk, V] buffers and a bool mask. H is for logging: no gradient.
+        d H~ / dz_a        = -pi~(a) (log pi~(a) + H~)  on A_k, 0 elsewhere  (pi~ = pi renormalised on A_k).
+    Peak extra memory: three fp32 [chunk, V] buffers, reused by every chunk. H is for logging
+    and carries no gradient. With entropy=False only log pi(y) is computed (entropies are 0).
     hidden [N, D], weight [V, D], bias [V] or None, targets [N] -> three [N] fp32 tensors.
-    With entropy=False only log pi(y) is computed (the entropies are returned as zeros).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, k, chunk, entropy=True):
         N, V, dev = len(targets), weight.size(0), hidden.device
         logp, lse, lse_k, h_clamped, h_full = (torch.zeros(N, device=dev) for _ in range(5))  # [N] each
-        tau, tie = torch.full((N, 1), float("-inf"), device=dev), torch.ones(N, 1, device=dev)  # [N, 1]
+        tau = torch.full((N, 1), float("-inf"), device=dev)  # [N, 1]
+        C = min(chunk, N)
+        buf_z, buf_e = torch.empty(C, V, device=dev), torch.empty(C, V, device=dev)  # [C, V] each, reused
+        buf_w = torch.empty(C, V, device=dev) if entropy and k < V else None
         for s in (slice(i, i + chunk) for i in range(0, N, chunk)):
-            z = _logits(hidden[s], weight, bias, temperature)  # [C, V]
-            y = targets[s, None]  # [C, 1]
-            member = None
+            C = len(targets[s])
+            z = _logits(hidden[s], weight, bias, temperature, buf_z[:C])  # [C, V]
+            w = None
             if entropy and k < V:
-                tau[s], tie[s] = kept_threshold(z, k)
-                member = kept_mask(z, tau[s], tie[s])  # [C, V]
+                tau[s] = kth_largest(z, k)
+                w = kept_weights(z, tau[s], k, buf_w[:C])  # [C, V]
             m = z.amax(-1)  # [C]
             zs = z.sub_(m[:, None])  # [C, V] z - max, in place
+            e = torch.exp(zs, out=buf_e[:C])  # [C, V]
+            total = e.sum(-1)  # [C]
+            lse[s] = m + total.log()
+            logp[s] = zs.gather(-1, targets[s, None]).squeeze(-1) - total.log()
             if entropy:
-                scratch = torch.empty_like(zs)
-                log_total, h_full[s] = _shifted_entropy(zs, None, scratch)
-                log_total_k, h_clamped[s] = (log_total, h_full[s]) if member is None else _shifted_entropy(zs, member, scratch)
-                lse_k[s] = m + log_total_k
-            else:
-                log_total = zs.logsumexp(-1)
-            lse[s] = m + log_total
-            logp[s] = zs.gather(-1, y).squeeze(-1) - log_total
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, lse_k, h_clamped, tau, tie)
+                h_full[s] = total.log() - _rowdot(e, zs) / total  # H = log Z - E[z]
+                if w is not None:
+                    total_k = e.mul_(w).sum(-1)  # [C]
+                    lse_k[s], h_clamped[s] = m + total_k.log(), total_k.log() - _rowdot(e, zs) / total_k
+                else:
+                    lse_k[s], h_clamped[s] = lse[s], h_full[s]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, lse_k, h_clamped, tau)
         ctx.temperature, ctx.k, ctx.chunk, ctx.entropy = temperature, k, chunk, entropy
         ctx.mark_non_differentiable(h_full)
         if not entropy:
@@ -624,23 +627,26 @@ class TokenStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_clamped, _):
-        hidden, weight, bias, targets, lse, lse_k, h_clamped, tau, tie = ctx.saved_tensors
-        T, V = ctx.temperature, weight.size(0)
+        hidden, weight, bias, targets, lse, lse_k, h_clamped, tau = ctx.saved_tensors
+        T, k, N, V = ctx.temperature, ctx.k, len(targets), weight.size(0)
         grad_h = torch.zeros(hidden.shape, device=hidden.device)  # [N, D] fp32
         grad_w = torch.zeros(weight.shape, device=weight.device)  # [V, D]
         grad_b = None if bias is None else torch.zeros(bias.shape, device=bias.device)  # [V]
         g_logp = (torch.zeros_like(lse) if g_logp is None else g_logp.float()) / T  # [N], 1/T from z = logits / T
         entropy_grad = ctx.entropy and g_clamped is not None
-        if entropy_grad:
-            g_clamped = g_clamped.float() / T  # [N]
-        for s in (slice(i, i + ctx.chunk) for i in range(0, len(targets), ctx.chunk)):
-            z = _logits(hidden[s], weight, bias, T)  # [C, V] recomputed
-            pi = torch.sub(z, lse[s, None]).exp_()  # [C, V]
+        g_clamped = g_clamped.float() / T if entropy_grad else None  # [N]
+        C = min(ctx.chunk, N)
+        buf_z, buf_p = torch.empty(C, V, device=hidden.device), torch.empty(C, V, device=hidden.device)  # [C, V] reused
+        buf_w = torch.empty(C, V, device=hidden.device) if entropy_grad and k < V else None
+        for s in (slice(i, i + ctx.chunk) for i in range(0, N, ctx.chunk)):
+            C = len(targets[s])
+            z = _logits(hidden[s], weight, bias, T, buf_z[:C])  # [C, V] recomputed
+            pi = torch.sub(z, lse[s, None], out=buf_p[:C]).exp_()  # [C, V]
             if entropy_grad:  # -g~ * pi~ * (z - log Z_k + H~),  pi~ = pi * Z / Z_k on A_k
-                member = kept_mask(z, tau[s], tie[s]) if ctx.k < V else None  # [C, V]
+                w = kept_weights(z, tau[s], k, buf_w[:C]) if k < V else None  # [C, V]
                 grad = z.sub_((lse_k[s] - h_clamped[s])[:, None]).mul_((-g_clamped[s] * (lse[s] - lse_k[s]).exp())[:, None])
-                if member is not None:
-                    grad.mul_(member)
+                if w is not None:
+                    grad.mul_(w)
                 grad.sub_(g_logp[s, None]).mul_(pi)  # + the log-prob term -g * pi
             else:
                 grad = pi.mul_(-g_logp[s, None])
