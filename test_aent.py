@@ -376,6 +376,13 @@ def test_token_stats_function_matches_float64_values_and_gradients(N, V, chunk, 
     torch.testing.assert_close(only, logp.detach(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 7, 500, 669, 670, 671, 1000])
+def test_kth_largest_is_the_kth_value_of_a_descending_sort(k):
+    z = torch.randn(5, 1000)
+    expected = z.sort(-1, descending=True).values[:, k - 1 : k]
+    assert torch.equal(aent.kth_largest(z, k), expected)
+
+
 def test_token_stats_keep_exactly_k_tokens_when_logits_tie_at_the_boundary():
     # duplicate head rows give exactly equal logits; the k-th largest falls inside a tied group
     torch.manual_seed(0)
@@ -872,3 +879,33 @@ def test_a_signal_during_the_last_step_still_writes_final(tmp_path, monkeypatch,
     aent.train(aent.parse_args(["--model", "tiny", "--steps", "2", "--save-every", "0", "--out-dir", str(out)]), stop)
     assert (out / "final" / "trainer_state.pt").exists() and not list(out.glob("step_*"))
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: 2 steps")
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py runs end to end (a miniature preset; the real figures come from `python bench.py`)
+# ----------------------------------------------------------------------------------------------
+MINI = dict(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32, vocab=600, prompts=2, group=2,
+            new_tokens=3, steps=1, chunk=16, micro=4, pass_tokens=[40])
+
+
+def run_bench(tmp_path, monkeypatch, *flags):
+    import bench
+
+    monkeypatch.setitem(bench.PRESETS, "mini", MINI)
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--preset", "mini", "--out", "b.json", *flags])
+    return json.loads((tmp_path / "b.json").read_text())
+
+
+def test_bench_measures_our_step_and_both_passes(tmp_path, monkeypatch, capsys):
+    out = run_bench(tmp_path, monkeypatch)
+    assert 0 < out["ours"]["tokens"] <= 2 * 2 * 3 and 0 < out["ours"]["rollout_time"] < out["ours"]["step_time"]
+    assert out["ours"]["peak_mib"] > 100 and out["pass_lean_40"]["time"] > 0 and out["pass_plain_40"]["extra_mib"] >= 0
+    assert "rollout tokens/s" in capsys.readouterr().out
+
+
+def test_bench_runs_trl_side_by_side_when_it_is_installed(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("trl")
+    out = run_bench(tmp_path, monkeypatch, "--vs-trl", "--no-pass")
+    assert 0 < out["trl"]["tokens"] <= 2 * 2 * 3 and out["ratios"]["step_time"] == out["ours"]["step_time"] / out["trl"]["step_time"]
+    assert "ratio" in capsys.readouterr().out
