@@ -143,6 +143,8 @@ def check_args(args: Args):
         problems.append("--prompts-per-step must be a multiple of --mini-batch-prompts")
     if args.temperature <= 0:
         problems.append("--temperature must be positive for sampling")
+    if not 0 < args.top_p <= 1:
+        problems.append("--top-p must be in (0, 1]")
     if args.entropy != "none" and args.adaptive_coef and not args.coef_min <= args.entropy_coef <= args.coef_max:
         problems.append("--entropy-coef must lie in [--coef-min, --coef-max]")
     if args.h_low > args.h_high:
@@ -426,6 +428,8 @@ class InverseCDFSampler:
             outside = probs.cumsum(-1) - probs >= self.top_p  # [B, V] the mass before this token already reaches top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
         cdf = logits.double().sub_(logits.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # [B, V] unnormalised
+        if not torch.isfinite(cdf[:, -1]).all():
+            raise ValueError("the model produced non-finite logits; cannot sample")
         u = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]  # [B, 1] uniform on [0, total)
         token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(1) - 1)  # [B, 1] first cdf > u
         return scores.fill_(float("-inf")).scatter_(-1, token, 0.0)  # [B, V] in place: generate's own fp32 copy
@@ -558,17 +562,16 @@ def kept_weights(z: torch.Tensor, tau: torch.Tensor, k: int, out: torch.Tensor) 
     """
     w = torch.ge(z, tau, out=out)  # [C, V] 0/1
     surplus = w.sum(-1) - k  # [C] > 0 only where tokens tie at tau
-    for r in surplus.nonzero().flatten().tolist():
+    for r in (surplus > 0).nonzero().flatten().tolist():
         tied = z[r] == tau[r]  # [V]
         w[r, tied] = 1 - surplus[r] / tied.sum()
     return w
 
 
 def _logits(hidden, weight, bias, temperature, out):
-    """fp32 logits / T written into out [C, V], also under bf16 autocast."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        h, w = hidden.float(), weight.float()
-        torch.mm(h, w.t(), out=out) if bias is None else torch.addmm(bias.float(), h, w.t(), out=out)
+    """fp32 logits / T written into out [C, V]."""
+    h, w = hidden.float(), weight.float()
+    torch.mm(h, w.t(), out=out) if bias is None else torch.addmm(bias.float(), h, w.t(), out=out)
     return out.div_(temperature) if temperature != 1.0 else out
 
 
@@ -585,13 +588,24 @@ class TokenStats(torch.autograd.Function):
     backward recomputes one chunk's logits at a time and applies the closed-form gradient
         d log pi(y) / dz_a = 1[a = y] - pi(a)
         d H~ / dz_a        = -pi~(a) (log pi~(a) + H~)  on A_k, 0 elsewhere  (pi~ = pi renormalised on A_k).
-    Peak extra memory: three fp32 [chunk, V] buffers, reused by every chunk. H is for logging
-    and carries no gradient. With entropy=False only log pi(y) is computed (entropies are 0).
+    Peak extra memory: three fp32 [chunk, V] buffers, reused by every chunk. Everything runs in
+    fp32 with autocast off (under bf16 autocast, einsum and mm would round to bf16). H is for
+    logging and carries no gradient. With entropy=False only log pi(y) is computed (entropies are 0).
     hidden [N, D], weight [V, D], bias [V] or None, targets [N] -> three [N] fp32 tensors.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, k, chunk, entropy=True):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return TokenStats._forward(ctx, hidden, weight, bias, targets, temperature, k, chunk, entropy)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_clamped, _):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return TokenStats._backward(ctx, g_logp, g_clamped)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, temperature, k, chunk, entropy):
         N, V, dev = len(targets), weight.size(0), hidden.device
         logp, lse, lse_k, h_clamped, h_full = (torch.zeros(N, device=dev) for _ in range(5))  # [N] each
         tau = torch.full((N, 1), float("-inf"), device=dev)  # [N, 1]
@@ -619,14 +633,15 @@ class TokenStats(torch.autograd.Function):
                 else:
                     lse_k[s], h_clamped[s] = lse[s], h_full[s]
         ctx.save_for_backward(hidden, weight, bias, targets, lse, lse_k, h_clamped, tau)
-        ctx.temperature, ctx.k, ctx.chunk, ctx.entropy = temperature, k, chunk, entropy
+        ctx.temperature, ctx.k, ctx.chunk, ctx.entropy, ctx.device_type = temperature, k, chunk, entropy, dev.type
+        ctx.set_materialize_grads(False)  # unused outputs get None, so the backward can skip their terms
         ctx.mark_non_differentiable(h_full)
         if not entropy:
             ctx.mark_non_differentiable(h_clamped)
         return logp, h_clamped, h_full
 
     @staticmethod
-    def backward(ctx, g_logp, g_clamped, _):
+    def _backward(ctx, g_logp, g_clamped):
         hidden, weight, bias, targets, lse, lse_k, h_clamped, tau = ctx.saved_tensors
         T, k, N, V = ctx.temperature, ctx.k, len(targets), weight.size(0)
         grad_h = torch.zeros(hidden.shape, device=hidden.device)  # [N, D] fp32

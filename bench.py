@@ -20,7 +20,6 @@ Prints a table and writes bench.json.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,7 @@ def memory_mib(device, peak=True):
 def process_peak_mib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return _status_kib("VmHWM") / 1024  # this process's own peak (ru_maxrss would count the parent's RSS at exec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +89,9 @@ def write_model(p, path, device):
         model = Qwen2ForCausalLM(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # leave the GPU to the child runs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ def run_ours(p, model_dir, work, device):
     return dict(
         step_time=statistics.median(m["step_time"] for m in steps),
         rollout_time=statistics.median(m["rollout_time"] for m in steps),
+        train_time=statistics.median(m["step_time"] - m["rollout_time"] for m in steps),
         tokens=statistics.median(m["response_len"] * B for m in steps),
         peak_mib=process_peak_mib(device),
     )
@@ -138,8 +141,10 @@ def run_trl(p, model_dir, work, device):
         def on_step_end(self, *a, **k):
             times["step"].append(time.time() - self.t)
 
+    # one generation of B completions and one optimizer step per step, p["micro"] sequences per forward
     config = GRPOConfig(
-        output_dir=os.path.join(work, "trl"), per_device_train_batch_size=B, num_generations=p["group"],
+        output_dir=os.path.join(work, "trl"), per_device_train_batch_size=p["micro"],
+        gradient_accumulation_steps=B // p["micro"], num_generations=p["group"],
         max_completion_length=p["new_tokens"], max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
         beta=0.0, entropy_coef=COEF, temperature=1.0, top_p=1.0, top_k=0, use_cpu=device.type == "cpu",
         bf16=device.type == "cuda", report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
@@ -162,6 +167,7 @@ def run_trl(p, model_dir, work, device):
     return dict(
         step_time=statistics.median(times["step"][1:]),
         rollout_time=statistics.median(times["rollout"][1:]),
+        train_time=statistics.median(s - r for s, r in zip(times["step"][1:], times["rollout"][1:])),
         tokens=statistics.median(float(x) * B for x in lengths[1:]),
         peak_mib=process_peak_mib(device),
     )
@@ -280,7 +286,7 @@ def main(argv=None):
     for kind in runs:
         r = results[kind]
         r["rollout_tps"] = r["tokens"] / r["rollout_time"]
-        r["train_tps"] = r["tokens"] / (r["step_time"] - r["rollout_time"])
+        r["train_tps"] = r["tokens"] / r["train_time"]
     print(f"\n{'':34s}" + "".join(f"{k:>12s}" for k in runs) + ("       ratio" if len(runs) == 2 else ""))
     for label, key, fmt in rows:
         vals = [results[k][key] for k in runs]

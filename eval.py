@@ -51,6 +51,8 @@ def parse_args(argv=None):
     for key, value in PROTOCOLS[args.protocol].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
     if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         p.error("--samples, --batch-size, --max-new-tokens and --limit must be at least 1")
     if args.temperature == 0 and args.samples > 1:

@@ -383,6 +383,22 @@ def test_kth_largest_is_the_kth_value_of_a_descending_sort(k):
     assert torch.equal(aent.kth_largest(z, k), expected)
 
 
+def test_token_stats_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(24, 16, requires_grad=True), torch.randn(800, 16, requires_grad=True)
+    targets = torch.randint(0, 800, (24,))
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            logp, hc, hf = aent.TokenStats.apply(hidden, weight, None, targets, 1.0, 536, 10)
+            (logp.sum() + hc.sum()).backward()
+        results.append([logp, hc, hf, hidden.grad.clone(), weight.grad.clone()])
+        hidden.grad = weight.grad = None
+    for plain, autocast in zip(*results):
+        assert autocast.dtype == torch.float32
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)
+
+
 def test_token_stats_keep_exactly_k_tokens_when_logits_tie_at_the_boundary():
     # duplicate head rows give exactly equal logits; the k-th largest falls inside a tied group
     torch.manual_seed(0)
@@ -480,7 +496,7 @@ def one_line_exit(fn, argv) -> str:
 
 @pytest.mark.parametrize(
     "flags, words",
-    [(["--group-size", "1"], "group-size"), (["--drop-frac", "1.0"], "drop-frac"), (["--top-k", "0"], "top-k"), (["--micro-batch-size", "0"], "micro-batch-size"), (["--mini-batch-prompts", "0"], "mini-batch-prompts"), (["--dataset", "nope.txt"], "unknown dataset")],
+    [(["--group-size", "1"], "group-size"), (["--drop-frac", "1.0"], "drop-frac"), (["--top-k", "0"], "top-k"), (["--micro-batch-size", "0"], "micro-batch-size"), (["--mini-batch-prompts", "0"], "mini-batch-prompts"), (["--dataset", "nope.txt"], "unknown dataset"), (["--top-p", "0"], "top-p")],
 )
 def test_bad_configuration_is_one_line_error(tmp_path, flags, words):
     assert words in one_line_exit(aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "run"), *flags])
