@@ -419,6 +419,7 @@ class InverseCDFSampler:
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0):
         self.temperature, self.top_p = temperature, top_p
+        self.cdf = None  # float64 [B, V], reused at every step of a generate call (fresh memory is slow on CPU)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float() / self.temperature if self.temperature != 1.0 else scores.float()  # [B, V]
@@ -427,7 +428,9 @@ class InverseCDFSampler:
             probs = sorted_logits.softmax(-1)  # [B, V]
             outside = probs.cumsum(-1) - probs >= self.top_p  # [B, V] the mass before this token already reaches top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-        cdf = logits.double().sub_(logits.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # [B, V] unnormalised
+        if self.cdf is None or self.cdf.shape != logits.shape or self.cdf.device != logits.device:
+            self.cdf = torch.empty(logits.shape, dtype=torch.float64, device=logits.device)
+        cdf = self.cdf.copy_(logits).sub_(logits.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # [B, V] unnormalised
         if not torch.isfinite(cdf[:, -1]).all():
             raise ValueError("the model produced non-finite logits; cannot sample")
         u = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]  # [B, 1] uniform on [0, total)
