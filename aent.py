@@ -579,7 +579,7 @@ def _logits(hidden, weight, bias, temperature, out):
 
 
 def _rowdot(a, b):
-    return torch.einsum("cv,cv->c", a, b)  # [C]
+    return torch.einsum("cv,cv->c", a, b)  # [C], without the [C, V] temporary of (a * b).sum(-1)
 
 
 class TokenStats(torch.autograd.Function):
@@ -631,8 +631,8 @@ class TokenStats(torch.autograd.Function):
             if entropy:
                 h_full[s] = total.log() - _rowdot(e, zs) / total  # H = log Z - E[z]
                 if w is not None:
-                    total_k = e.mul_(w).sum(-1)  # [C]
-                    lse_k[s], h_clamped[s] = m + total_k.log(), total_k.log() - _rowdot(e, zs) / total_k
+                    total = e.mul_(w).sum(-1)  # [C] over A_k
+                    lse_k[s], h_clamped[s] = m + total.log(), total.log() - _rowdot(e, zs) / total
                 else:
                     lse_k[s], h_clamped[s] = lse[s], h_full[s]
         ctx.save_for_backward(hidden, weight, bias, targets, lse, lse_k, h_clamped, tau)

@@ -57,16 +57,11 @@ def reset_peak(device):
 
 
 def memory_mib(device, peak=True):
+    """Current or peak memory of this process (VmHWM is its own; ru_maxrss would count the parent's RSS at exec)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**20
     return _status_kib("VmHWM" if peak else "VmRSS") / 1024
-
-
-def process_peak_mib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _status_kib("VmHWM") / 1024  # this process's own peak (ru_maxrss would count the parent's RSS at exec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +108,7 @@ def run_ours(p, model_dir, work, device):
         rollout_time=statistics.median(m["rollout_time"] for m in steps),
         train_time=statistics.median(m["step_time"] - m["rollout_time"] for m in steps),
         tokens=statistics.median(m["response_len"] * B for m in steps),
-        peak_mib=process_peak_mib(device),
+        peak_mib=memory_mib(device),
     )
 
 
@@ -169,7 +164,7 @@ def run_trl(p, model_dir, work, device):
         rollout_time=statistics.median(times["rollout"][1:]),
         train_time=statistics.median(s - r for s, r in zip(times["step"][1:], times["rollout"][1:])),
         tokens=statistics.median(float(x) * B for x in lengths[1:]),
-        peak_mib=process_peak_mib(device),
+        peak_mib=memory_mib(device),
     )
 
 
@@ -307,8 +302,9 @@ def main(argv=None):
             print(f"{n:>8d} {lean['time']:>8.2f} {plain['time']:>8.2f} {lean['extra_mib']:>15.0f} "
                   f"{plain['extra_mib']:>16.0f} {chunk_mib:>15.0f}")
         results["bf16_chunk_logits_mib"] = chunk_mib
-    with open(a.out, "w") as f:
+    with open(a.out + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
+    os.replace(a.out + ".tmp", a.out)  # whole or not at all
     print(f"\nwrote {a.out}")
 
 
