@@ -12,8 +12,11 @@ child process, one after another, so its peak memory is its own: peak RSS (VmHWM
 torch.cuda.max_memory_allocated on GPU. Step times are medians over the steps after a warm-up step.
 
 Also measured: the log-prob + clamped-entropy pass alone (forward and backward over N completion
-tokens, the head of the model only), `aent.TokenStats` against the plain version (full [N, V]
-logits, log_softmax, gather, `aent.clamped_entropy` by topk), with its peak extra memory.
+tokens, the head of the model only): `aent.head_stats` as training runs it (chunks of
+`logits_chunk` tokens under torch.utils.checkpoint) against full logits (one [N, V] fp32 tensor,
+log_softmax, gather, `aent.clamped_entropy`), each with its peak extra memory. On CPU these runs
+serve blocks of 1 MiB or more by mmap (glibc's M_MMAP_THRESHOLD), so that peak RSS counts live
+tensors rather than heap fragmentation.
 Prints a table and writes bench.json.
 """
 
@@ -29,12 +32,39 @@ import time
 import torch
 
 import aent
+import plumbing
 
 PRESETS = {
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=151936, prompts=4, group=16,
-                 new_tokens=16, steps=3, chunk=256, micro=64, pass_tokens=[512, 2048]),
-    "1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936, prompts=32, group=16,
-                 new_tokens=1024, steps=2, chunk=1024, micro=8, pass_tokens=[4096, 16384]),
+    "tiny": dict(
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=256,
+        vocab=151936,
+        prompts=4,
+        group=16,
+        new_tokens=16,
+        steps=3,
+        chunk=256,
+        micro=64,
+        pass_tokens=[512, 2048],
+    ),
+    "1.5b": dict(
+        hidden=1536,
+        layers=28,
+        heads=12,
+        kv_heads=2,
+        intermediate=8960,
+        vocab=151936,
+        prompts=32,
+        group=16,
+        new_tokens=1024,
+        steps=2,
+        chunk=1024,
+        micro=8,
+        pass_tokens=[4096, 16384],
+    ),
 }
 LR, COEF = 1e-6, 0.002
 
@@ -60,7 +90,9 @@ def memory_mib(device, peak=True):
     """Current or peak memory of this process (VmHWM is its own; ru_maxrss would count the parent's RSS at exec)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**20
+        return (
+            torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+        ) / 2**20
     return _status_kib("VmHWM" if peak else "VmRSS") / 1024
 
 
@@ -72,11 +104,18 @@ def write_model(p, path, device):
     beyond it decode to nothing), saved where both trainers load it from."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    _, tokenizer = aent.build_tiny()
+    _, tokenizer = plumbing.build_tiny()
     config = Qwen2Config(
-        vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["intermediate"], num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"], max_position_embeddings=32768,
-        tie_word_embeddings=p["hidden"] < 2048, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=p["vocab"],
+        hidden_size=p["hidden"],
+        intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        max_position_embeddings=32768,
+        tie_word_embeddings=p["hidden"] < 2048,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
@@ -94,10 +133,25 @@ def write_model(p, path, device):
 # ----------------------------------------------------------------------------------------------
 def run_ours(p, model_dir, work, device):
     args = aent.Args(
-        model=model_dir, dataset="toy", out_dir=os.path.join(work, "ours"), steps=1 + p["steps"], prompts_per_step=p["prompts"],
-        group_size=p["group"], max_new_tokens=p["new_tokens"], max_prompt_tokens=256, temperature=1.0, top_p=1.0,
-        rollout_batch_size=p["prompts"] * p["group"], mini_batch_prompts=p["prompts"], micro_batch_size=p["micro"],
-        lr=LR, entropy="clamped", entropy_coef=COEF, logits_chunk=p["chunk"], save_every=0, sample_every=0,
+        model=model_dir,
+        dataset="toy",
+        out_dir=os.path.join(work, "ours"),
+        steps=1 + p["steps"],
+        prompts_per_step=p["prompts"],
+        group_size=p["group"],
+        max_new_tokens=p["new_tokens"],
+        max_prompt_tokens=256,
+        temperature=1.0,
+        top_p=1.0,
+        rollout_batch_size=p["prompts"] * p["group"],
+        mini_batch_prompts=p["prompts"],
+        micro_batch_size=p["micro"],
+        lr=LR,
+        entropy="clamped",
+        entropy_coef=COEF,
+        logits_chunk=p["chunk"],
+        save_every=0,
+        sample_every=0,
     )
     aent.train(args)
     with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
@@ -119,7 +173,10 @@ def run_trl(p, model_dir, work, device):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
-    rows = [{"prompt": aent.build_prompt(tokenizer, q["question"]), "gold": q["gold"]} for q in aent.toy_problems()]
+    rows = [
+        {"prompt": aent.build_prompt(tokenizer, q["question"]), "gold": q["gold"]}
+        for q in aent.load_problems("toy")
+    ]
     B, steps = p["prompts"] * p["group"], 1 + p["steps"]
     dataset = Dataset.from_list(rows * (B * steps // len(rows) + 1))
 
@@ -138,16 +195,40 @@ def run_trl(p, model_dir, work, device):
 
     # one generation of B completions and one optimizer step per step, p["micro"] sequences per forward
     config = GRPOConfig(
-        output_dir=os.path.join(work, "trl"), per_device_train_batch_size=p["micro"],
-        gradient_accumulation_steps=B // p["micro"], num_generations=p["group"],
-        max_completion_length=p["new_tokens"], max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
-        beta=0.0, entropy_coef=COEF, temperature=1.0, top_p=1.0, top_k=0, use_cpu=device.type == "cpu",
-        bf16=device.type == "cuda", report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+        output_dir=os.path.join(work, "trl"),
+        per_device_train_batch_size=p["micro"],
+        gradient_accumulation_steps=B // p["micro"],
+        num_generations=p["group"],
+        max_completion_length=p["new_tokens"],
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        beta=0.0,
+        entropy_coef=COEF,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset, processing_class=tokenizer,
-                          callbacks=[Clock()])
-    for name in ("_generate", "_calculate_rewards"):  # rollout = sampling + decoding + grading, as in aent.py
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
+    for name in (
+        "_generate",
+        "_calculate_rewards",
+    ):  # rollout = sampling + decoding + grading, as in aent.py
         inner = getattr(trainer, name)
 
         def timed(*a, _inner=inner, **k):
@@ -158,21 +239,27 @@ def run_trl(p, model_dir, work, device):
 
         setattr(trainer, name, timed)
     trainer.train()
-    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    lengths = [
+        h["completions/mean_length"]
+        for h in trainer.state.log_history
+        if "completions/mean_length" in h
+    ]
     return dict(
         step_time=statistics.median(times["step"][1:]),
         rollout_time=statistics.median(times["rollout"][1:]),
-        train_time=statistics.median(s - r for s, r in zip(times["step"][1:], times["rollout"][1:])),
+        train_time=statistics.median(
+            s - r for s, r in zip(times["step"][1:], times["rollout"][1:])
+        ),
         tokens=statistics.median(float(x) * B for x in lengths[1:]),
         peak_mib=memory_mib(device),
     )
 
 
-def plain_stats(hidden, weight, targets, k):
-    """The straightforward pass: full [N, V] fp32 logits, log_softmax, gather, topk clamped entropy."""
+def full_logits_stats(hidden, weight, targets, drop_frac):
+    """Without chunks: [N, V] fp32 logits at once, log_softmax, gather, clamped entropy."""
     logits = hidden.float() @ weight.float().T  # [N, V]
     logp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # [N]
-    return logp, aent.clamped_entropy(logits, top_k=k)
+    return logp, aent.clamped_entropy(logits, drop_frac)
 
 
 def run_pass(p, kind, n, device):
@@ -181,14 +268,19 @@ def run_pass(p, kind, n, device):
     weight = (torch.randn(V, D, device=device) * 0.02).requires_grad_()
     hidden = torch.randn(n, D, device=device).requires_grad_()
     targets = torch.randint(0, V, (n,), device=device)
-    weight.grad, hidden.grad = torch.zeros_like(weight), torch.zeros_like(hidden)  # allocated before the baseline
-    k = aent.kept_count(V, drop_frac=0.33)
+    weight.grad, hidden.grad = torch.zeros_like(weight), torch.zeros_like(hidden)  # in the baseline
+    if device.type == "cpu":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: see the docstring
 
     def once():
-        if kind == "lean":
-            logp, h_clamped, _ = aent.TokenStats.apply(hidden, weight, None, targets, 1.0, k, p["chunk"])
+        if kind == "chunked":
+            logp, h_clamped, _ = aent.head_stats(
+                hidden, targets, weight, None, 1.0, 0.33, None, p["chunk"]
+            )
         else:
-            logp, h_clamped = plain_stats(hidden, weight, targets, k)
+            logp, h_clamped = full_logits_stats(hidden, weight, targets, 0.33)
         (logp.sum() + h_clamped.sum()).backward()
 
     once()  # warm-up
@@ -218,25 +310,43 @@ def child(argv):
 # ----------------------------------------------------------------------------------------------
 def spawn(*argv):
     t = time.time()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *map(str, argv)],
-                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         sys.exit(f"error: the {argv[0]} run failed (exit {proc.returncode}):\n{tail}")
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     out["process_time"] = time.time() - t
     return out
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=list(PRESETS), default=None,
-                    help="model shape and batch: 'tiny' (CPU default) or '1.5b' (GPU default); see PRESETS")
-    ap.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer on the same model and batch")
-    ap.add_argument("--steps", type=int, help="measured steps after the warm-up step (default: the preset's)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="model shape and batch: 'tiny' (CPU default) or '1.5b' (GPU default); see PRESETS",
+    )
+    ap.add_argument(
+        "--vs-trl",
+        action="store_true",
+        help="also run TRL's GRPOTrainer on the same model and batch",
+    )
+    ap.add_argument(
+        "--steps", type=int, help="measured steps after the warm-up step (default: the preset's)"
+    )
     ap.add_argument("--new-tokens", type=int, help="completion length (default: the preset's)")
-    ap.add_argument("--no-pass", action="store_true", help="skip the log-prob + clamped-entropy pass comparison")
+    ap.add_argument(
+        "--no-pass", action="store_true", help="skip the log-prob + clamped-entropy pass comparison"
+    )
     ap.add_argument("--out", default="bench.json", help="where to write the results")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -257,9 +367,11 @@ def main(argv=None):
             sys.exit("error: --vs-trl needs trl (pip install trl)")
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     B = p["prompts"] * p["group"]
-    print(f"preset {preset} on {device}: hidden {p['hidden']}, {p['layers']} layers, vocab {p['vocab']}; "
-          f"{p['prompts']} prompts x {p['group']} samples x {p['new_tokens']} tokens per step, "
-          f"{p['steps']} measured steps after 1 warm-up")
+    print(
+        f"preset {preset} on {device}: hidden {p['hidden']}, {p['layers']} layers, vocab {p['vocab']}; "
+        f"{p['prompts']} prompts x {p['group']} samples x {p['new_tokens']} tokens per step, "
+        f"{p['steps']} measured steps after 1 warm-up"
+    )
     results = {"preset": preset, "config": p, "device": device, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as work:
         model_dir = os.path.join(work, "model")
@@ -270,19 +382,29 @@ def main(argv=None):
             results[kind] = spawn(kind, json.dumps(p), model_dir, work)
         if not a.no_pass:
             for n in p["pass_tokens"]:
-                for kind in ("lean", "plain"):
+                for kind in ("chunked", "full"):
                     print(f"  log-prob + clamped-entropy pass, {kind}, {n} tokens ...", flush=True)
-                    results[f"pass_{kind}_{n}"] = spawn(f"pass-{kind}", json.dumps(p), model_dir, work, n)
+                    results[f"pass_{kind}_{n}"] = spawn(
+                        f"pass-{kind}", json.dumps(p), model_dir, work, n
+                    )
 
     mem = "peak GPU memory allocated (MiB)" if cuda else "peak RSS (MiB)"
-    rows = [("step time (s)", "step_time", "{:.2f}"), ("rollout tokens/s", "rollout_tps", "{:.0f}"),
-            ("training tokens/s", "train_tps", "{:.0f}"), (mem, "peak_mib", "{:.0f}"),
-            ("whole process (s)", "process_time", "{:.1f}")]
+    rows = [
+        ("step time (s)", "step_time", "{:.2f}"),
+        ("rollout tokens/s", "rollout_tps", "{:.0f}"),
+        ("training tokens/s", "train_tps", "{:.0f}"),
+        (mem, "peak_mib", "{:.0f}"),
+        ("whole process (s)", "process_time", "{:.1f}"),
+    ]
     for kind in runs:
         r = results[kind]
         r["rollout_tps"] = r["tokens"] / r["rollout_time"]
         r["train_tps"] = r["tokens"] / r["train_time"]
-    print(f"\n{'':34s}" + "".join(f"{k:>12s}" for k in runs) + ("       ratio" if len(runs) == 2 else ""))
+    print(
+        f"\n{'':34s}"
+        + "".join(f"{k:>12s}" for k in runs)
+        + ("       ratio" if len(runs) == 2 else "")
+    )
     for label, key, fmt in rows:
         vals = [results[k][key] for k in runs]
         line = f"{label:34s}" + "".join(f"{fmt.format(v):>12s}" for v in vals)
@@ -290,18 +412,25 @@ def main(argv=None):
             line += f"{vals[0] / vals[1]:>11.2f}x"
         print(line)
     if a.vs_trl:
-        results["ratios"] = {k: results["ours"][k] / results["trl"][k] for k in ("step_time", "peak_mib", "process_time")}
+        results["ratios"] = {
+            k: results["ours"][k] / results["trl"][k]
+            for k in ("step_time", "peak_mib", "process_time")
+        }
     if not a.no_pass:
         V = p["vocab"]
-        print(f"\nlog-prob + clamped-entropy pass alone (forward + backward, V = {V}, chunk {p['chunk']}):")
-        print(f"{'tokens':>8s} {'lean s':>8s} {'plain s':>8s} {'lean extra MiB':>15s} {'plain extra MiB':>16s} "
-              f"{'bf16 chunk MiB':>15s}")
-        chunk_mib = p["chunk"] * V * 2 / 2**20
+        print(
+            f"\nlog-prob + clamped-entropy pass alone (forward + backward, V = {V}, chunk {p['chunk']}):"
+        )
+        print(
+            f"{'tokens':>8s} {'chunked s':>10s} {'full s':>8s} {'chunked extra MiB':>18s} "
+            f"{'full extra MiB':>15s}"
+        )
         for n in p["pass_tokens"]:
-            lean, plain = results[f"pass_lean_{n}"], results[f"pass_plain_{n}"]
-            print(f"{n:>8d} {lean['time']:>8.2f} {plain['time']:>8.2f} {lean['extra_mib']:>15.0f} "
-                  f"{plain['extra_mib']:>16.0f} {chunk_mib:>15.0f}")
-        results["bf16_chunk_logits_mib"] = chunk_mib
+            ch, full = results[f"pass_chunked_{n}"], results[f"pass_full_{n}"]
+            print(
+                f"{n:>8d} {ch['time']:>10.2f} {full['time']:>8.2f} {ch['extra_mib']:>18.0f} "
+                f"{full['extra_mib']:>15.0f}"
+            )
     with open(a.out + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(a.out + ".tmp", a.out)  # whole or not at all

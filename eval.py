@@ -27,7 +27,10 @@ import torch
 import aent
 
 BENCHMARKS = aent.HUB_DATASETS  # gsm8k, math500, math: loaded with split="test"
-PROTOCOLS = {"qwen": dict(temperature=0.0, top_p=1.0, samples=1), "aent": dict(temperature=0.6, top_p=0.95, samples=4)}
+PROTOCOLS = {
+    "qwen": dict(temperature=0.0, top_p=1.0, samples=1),
+    "aent": dict(temperature=0.6, top_p=0.95, samples=4),
+}
 
 
 def parse_args(argv=None):
@@ -35,17 +38,39 @@ def parse_args(argv=None):
         pass
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    p.add_argument("--model", required=True, help="hub id, or a directory saved by aent.py (or any save_pretrained)")
-    p.add_argument("--benchmarks", default="gsm8k,math500", help="comma-separated: gsm8k, math500, math (full MATH test), or .jsonl/.parquet paths")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="qwen", help="qwen: greedy, 1 sample; aent: T=0.6, top_p=0.95, 4 samples")
-    p.add_argument("--temperature", type=float, help="override the protocol's temperature (0 = greedy)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="hub id, or a directory saved by aent.py (or any save_pretrained)",
+    )
+    p.add_argument(
+        "--benchmarks",
+        default="gsm8k,math500",
+        help="comma-separated: gsm8k, math500, math (full MATH test), or .jsonl/.parquet paths",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="qwen",
+        help="qwen: greedy, 1 sample; aent: T=0.6, top_p=0.95, 4 samples",
+    )
+    p.add_argument(
+        "--temperature", type=float, help="override the protocol's temperature (0 = greedy)"
+    )
     p.add_argument("--top-p", type=float, help="override the protocol's top_p")
     p.add_argument("--samples", type=int, help="override the protocol's samples per problem")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="completion length limit")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--limit", type=int, help="score only the first N problems of each benchmark")
-    p.add_argument("--grade-workers", type=int, default=0, help="grade in this many worker processes (0: in this process)")
-    p.add_argument("--out-dir", default="runs/eval", help="directory for summary.json and predictions.jsonl")
+    p.add_argument(
+        "--grade-workers",
+        type=int,
+        default=0,
+        help="grade in this many worker processes (0: in this process)",
+    )
+    p.add_argument(
+        "--out-dir", default="runs/eval", help="directory for summary.json and predictions.jsonl"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = p.parse_args(argv)
     for key, value in PROTOCOLS[args.protocol].items():
@@ -53,11 +78,37 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
-    if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+    if (
+        args.samples < 1
+        or args.batch_size < 1
+        or args.max_new_tokens < 1
+        or (args.limit is not None and args.limit < 1)
+    ):
         p.error("--samples, --batch-size, --max-new-tokens and --limit must be at least 1")
+    if not args.temperature >= 0:  # NaN too
+        p.error("--temperature must be 0 (greedy) or positive")
     if args.temperature == 0 and args.samples > 1:
-        p.error("greedy decoding (temperature 0) gives identical samples: use --samples 1 or a temperature > 0")
+        p.error(
+            "greedy decoding (temperature 0) gives identical samples: use --samples 1 or a temperature > 0"
+        )
     return args
+
+
+def complete(model, tokenizer, prompts, gen, samples=1, batch_size=64, on_batch=None):
+    """`samples` completions for every prompt, in prompt order. Prompts go longest first, so each
+    `generate` call holds prompts of similar length; on_batch(n) reports progress."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    per_call = max(1, batch_size // samples)
+    out = [None] * len(prompts)
+    for j in range(0, len(order), per_call):
+        idx = order[j : j + per_call]
+        roll = aent.rollout(model, tokenizer, [prompts[i] for i in idx], gen, samples, batch_size)
+        for k, i in enumerate(idx):
+            out[i] = roll["completions"][k * samples : (k + 1) * samples]
+        if on_batch:
+            on_batch(len(idx))
+    return out
 
 
 def benchmark_list(spec: str) -> list[str]:
@@ -65,7 +116,9 @@ def benchmark_list(spec: str) -> list[str]:
     names = [b.strip() for b in spec.split(",") if b.strip()]
     for b in names:
         if b not in BENCHMARKS and not b.endswith((".jsonl", ".parquet")):
-            sys.exit(f"error: unknown benchmark {b!r}: use {', '.join(BENCHMARKS)}, or a .jsonl/.parquet file")
+            sys.exit(
+                f"error: unknown benchmark {b!r}: use {', '.join(BENCHMARKS)}, or a .jsonl/.parquet file"
+            )
         if b not in BENCHMARKS and not os.path.isfile(b):
             sys.exit(f"error: benchmark file {b} not found")
     if not names:
@@ -129,45 +182,81 @@ def main(argv=None):
     benches = {b: aent.load_problems(b, split="test")[: args.limit] for b in names}
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         sys.exit(f"error: --out-dir {args.out_dir} is a file, not a directory")
-    model, tokenizer = aent.load_model(args.model, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tokenizer = aent.load_model(
+        args.model, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
     context = getattr(model.config, "max_position_embeddings", None)
-    prompts_of = {name: [aent.build_prompt(tokenizer, p["question"]) for p in problems] for name, problems in benches.items()}
+    prompts_of = {
+        name: [aent.build_prompt(tokenizer, p["question"]) for p in problems]
+        for name, problems in benches.items()
+    }
     for name, prompts in prompts_of.items():
         longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids)
         if context and longest + args.max_new_tokens > context:
-            sys.exit(f"error: {name}: the longest prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context}")
+            sys.exit(
+                f"error: {name}: the longest prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context}"
+            )
     eos_ids = aent.stop_token_ids(model, tokenizer)
-    gen = aent.generation_config(tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p)
+    gen = aent.generation_config(
+        tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p
+    )
     torch.manual_seed(args.seed)
-    print(f"model {args.model} on {device} | protocol {args.protocol}: T={args.temperature}, top_p={args.top_p}, "
-          f"{args.samples} sample(s), {args.max_new_tokens} new tokens")
+    print(
+        f"model {args.model} on {device} | protocol {args.protocol}: T={args.temperature}, top_p={args.top_p}, "
+        f"{args.samples} sample(s), {args.max_new_tokens} new tokens"
+    )
 
-    summary = {"model": args.model, "protocol": args.protocol, "temperature": args.temperature, "top_p": args.top_p,
-               "samples": args.samples, "max_new_tokens": args.max_new_tokens, "benchmarks": {}}
+    summary = {
+        "model": args.model,
+        "protocol": args.protocol,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "samples": args.samples,
+        "max_new_tokens": args.max_new_tokens,
+        "benchmarks": {},
+    }
     predictions = []
     for name, problems in benches.items():
         prompts = prompts_of[name]
         t0 = time.time()
         bar = tqdm(total=len(prompts), desc=name, unit="problem", dynamic_ncols=True)
-        completions = aent.complete(model, tokenizer, prompts, gen, args.samples, args.batch_size, on_batch=bar.update)
+        completions = complete(
+            model, tokenizer, prompts, gen, args.samples, args.batch_size, on_batch=bar.update
+        )
         bar.close()
         gen_time = time.time() - t0
         pairs = [(c, p["gold"]) for cs, p in zip(completions, problems) for c in cs]
         flat = grade_all(pairs, args.grade_workers)
         verdicts = [flat[i * args.samples : (i + 1) * args.samples] for i in range(len(problems))]
-        result = {**score(verdicts), "generation_s": round(gen_time, 2), "problems_per_s": round(len(problems) / gen_time, 3),
-                  "grading_s": round(time.time() - t0 - gen_time, 2)}
+        result = {
+            **score(verdicts),
+            "generation_s": round(gen_time, 2),
+            "problems_per_s": round(len(problems) / gen_time, 3),
+            "grading_s": round(time.time() - t0 - gen_time, 2),
+        }
         for key in ("level", "subject"):
             if any(key in p for p in problems):
                 result[f"by_{key}"] = breakdown(problems, verdicts, key)
         summary["benchmarks"][name] = result
         for i, (p, prompt, cs, vs) in enumerate(zip(problems, prompts, completions, verdicts)):
-            predictions.append({"benchmark": name, "index": i, **{k: p[k] for k in ("level", "subject") if k in p},
-                                "prompt": prompt, "completions": cs, "answers": [aent.extract_answer(c) for c in cs],
-                                "gold": p["gold"], "verdicts": vs})
+            predictions.append(
+                {
+                    "benchmark": name,
+                    "index": i,
+                    **{k: p[k] for k in ("level", "subject") if k in p},
+                    "prompt": prompt,
+                    "completions": cs,
+                    "answers": [aent.extract_answer(c) for c in cs],
+                    "gold": p["gold"],
+                    "verdicts": vs,
+                }
+            )
 
     os.makedirs(args.out_dir, exist_ok=True)
-    write_atomic(os.path.join(args.out_dir, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in predictions))
+    write_atomic(
+        os.path.join(args.out_dir, "predictions.jsonl"),
+        "".join(json.dumps(r) + "\n" for r in predictions),
+    )
     write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
     print_table(summary)
     print(f"wrote {args.out_dir}/summary.json and {args.out_dir}/predictions.jsonl")
@@ -177,14 +266,21 @@ def main(argv=None):
 def print_table(summary):
     rows = [("benchmark", "n", "pass@1", "pass@n", "problems/s")]
     for name, r in summary["benchmarks"].items():
-        pass_n = next((f"{v:.3f}" for k, v in r.items() if k.startswith("pass@") and k != "pass@1"), "-")
+        pass_n = next(
+            (f"{v:.3f}" for k, v in r.items() if k.startswith("pass@") and k != "pass@1"), "-"
+        )
         rows.append((name, str(r["n"]), f"{r['pass@1']:.3f}", pass_n, f"{r['problems_per_s']:.2f}"))
         for key in ("by_level", "by_subject"):
             for group, s in r.get(key, {}).items():
                 rows.append((f"  {group}", str(s["n"]), f"{s['pass@1']:.3f}", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths))
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import aent
+import plumbing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,7 +52,7 @@ def ref_policy_loss(logp, old_logp, adv, mask, cl, ch, c):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = aent.build_tiny(seed=0)
+    model, tokenizer = plumbing.build_tiny(seed=0)
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
 
@@ -64,22 +65,30 @@ def test_clamped_entropy_matches_float64_reference_when_dropping_a_fraction(drop
     logits = torch.randn(3, 5, 257) * 3
     V = logits.size(-1)
     expected = ref_clamped_entropy(logits, V - int(drop_frac * V))
-    torch.testing.assert_close(aent.clamped_entropy(logits, drop_frac).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        aent.clamped_entropy(logits, drop_frac).double(), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 17, 256])
 def test_clamped_entropy_matches_float64_reference_when_keeping_top_k(top_k):
     logits = torch.randn(4, 256) * 2
     expected = ref_clamped_entropy(logits, top_k)
-    torch.testing.assert_close(aent.clamped_entropy(logits, top_k=top_k).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        aent.clamped_entropy(logits, top_k=top_k).double(), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_clamped_entropy_equals_full_entropy_when_nothing_is_dropped():
     logits = torch.randn(6, 100)
     full = torch.distributions.Categorical(logits=logits.double()).entropy()
     torch.testing.assert_close(aent.clamped_entropy(logits).double(), full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(aent.clamped_entropy(logits, top_k=100).double(), full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(aent.clamped_entropy(logits, top_k=10_000).double(), full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        aent.clamped_entropy(logits, top_k=100).double(), full, rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        aent.clamped_entropy(logits, top_k=10_000).double(), full, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_clamped_entropy_of_uniform_logits_is_log_of_kept_count():
@@ -89,7 +98,9 @@ def test_clamped_entropy_of_uniform_logits_is_log_of_kept_count():
 
 def test_clamped_entropy_with_drop_frac_near_one_keeps_one_token_and_is_zero():
     logits = torch.randn(3, 50)
-    assert aent.clamped_entropy(logits, drop_frac=0.999).abs().max() < 1e-6  # keeps 50 - 49 = 1 token
+    assert (
+        aent.clamped_entropy(logits, drop_frac=0.999).abs().max() < 1e-6
+    )  # keeps 50 - 49 = 1 token
 
 
 def test_clamped_entropy_rejects_a_setting_that_keeps_no_token():
@@ -126,7 +137,9 @@ def test_group_advantages_match_float64_reference():
         r = rewards[g * G : (g + 1) * G].double()
         mean = r.sum() / G
         std = math.sqrt(((r - mean) ** 2).sum() / (G - 1))
-        torch.testing.assert_close(adv[g * G : (g + 1) * G].double(), (r - mean) / (std + 1e-6), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            adv[g * G : (g + 1) * G].double(), (r - mean) / (std + 1e-6), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_group_advantages_of_a_zero_variance_group_are_zero():
@@ -138,7 +151,10 @@ def test_group_advantages_of_a_zero_variance_group_are_zero():
 
 def test_group_advantages_without_scaling_only_subtract_the_group_mean():
     rewards = torch.tensor([1.0, 0, 0, 0, 2, 2, 0, 0])
-    torch.testing.assert_close(aent.group_advantages(rewards, 4, scale=False), torch.tensor([0.75, -0.25, -0.25, -0.25, 1, 1, -1, -1]))
+    torch.testing.assert_close(
+        aent.group_advantages(rewards, 4, scale=False),
+        torch.tensor([0.75, -0.25, -0.25, -0.25, 1, 1, -1, -1]),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +180,9 @@ def test_entropy_coef_update_matches_the_rule_on_random_inputs():
         hi = lo + width
         step = (h - lo if h < lo else 0.0) + (h - hi if h > hi else 0.0)
         expected = min(max(coef - lr * step, 0.1), 0.9)
-        assert aent.update_entropy_coef(coef, h, lo, hi, lr, 0.1, 0.9) == pytest.approx(expected, abs=1e-12)
+        assert aent.update_entropy_coef(coef, h, lo, hi, lr, 0.1, 0.9) == pytest.approx(
+            expected, abs=1e-12
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +197,9 @@ def test_policy_loss_matches_float64_reference(clip):
     adv = torch.randn(B) * 2
     mask = (torch.rand(B, T) > 0.3).long()
     loss, stats = aent.policy_loss(logp, old, adv, mask, *clip)
-    assert loss.item() == pytest.approx(ref_policy_loss(logp, old, adv, mask, *clip), rel=1e-5, abs=1e-6)
+    assert loss.item() == pytest.approx(
+        ref_policy_loss(logp, old, adv, mask, *clip), rel=1e-5, abs=1e-6
+    )
     assert 0 < stats["clip_frac"] < 1 and 0 < stats["dual_clip_frac"] < 1
 
 
@@ -189,17 +209,23 @@ def test_policy_loss_is_a_token_mean_not_a_mean_of_sequence_means():
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
     loss, _ = aent.policy_loss(logp, logp.detach(), adv, mask)
     loss.backward()
-    assert torch.allclose(logp.grad[mask.bool()], torch.full((5,), -1 / 5))  # every token weighs 1/5
+    assert torch.allclose(
+        logp.grad[mask.bool()], torch.full((5,), -1 / 5)
+    )  # every token weighs 1/5
 
 
 def test_policy_loss_dual_clip_caps_the_loss_for_negative_advantages():
     logp = torch.tensor([[math.log(10.0)]])  # ratio 10
-    loss, stats = aent.policy_loss(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), dual_clip=3.0)
+    loss, stats = aent.policy_loss(
+        logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), dual_clip=3.0
+    )
     assert loss.item() == pytest.approx(3.0) and stats["dual_clip_frac"] == 1.0
 
 
 def test_policy_loss_with_no_tokens_is_zero_not_nan():
-    loss, _ = aent.policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3))
+    loss, _ = aent.policy_loss(
+        torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3)
+    )
     assert loss.item() == 0.0
 
 
@@ -208,14 +234,18 @@ def test_policy_loss_with_no_tokens_is_zero_not_nan():
 # ----------------------------------------------------------------------------------------------
 def test_completion_mask_keeps_the_first_eos_when_pad_equals_eos():
     EOS = 0  # the tiny tokenizer's pad id is its EOS id
-    ids = torch.tensor([[5, 9, EOS, EOS, EOS], [EOS, EOS, EOS, EOS, EOS], [3, 4, 5, 6, 7], [3, 4, 5, 6, EOS]])
+    ids = torch.tensor(
+        [[5, 9, EOS, EOS, EOS], [EOS, EOS, EOS, EOS, EOS], [3, 4, 5, 6, 7], [3, 4, 5, 6, EOS]]
+    )
     expected = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert torch.equal(aent.completion_mask(ids, [EOS]), expected)
 
 
 def test_completion_mask_stops_at_whichever_eos_id_comes_first():
     ids = torch.tensor([[5, 7, 6, 8, 2], [5, 6, 7, 7, 2]])
-    assert torch.equal(aent.completion_mask(ids, [6, 7]), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]))
+    assert torch.equal(
+        aent.completion_mask(ids, [6, 7]), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +287,14 @@ def test_grade_accepts_equivalent_answers(completion, gold):
 
 @pytest.mark.parametrize(
     "completion, gold",
-    [("\\boxed{4}", "5"), ("\\boxed{0.33}", "\\frac13"), ("\\boxed{(2,1)}", "(1,2)"), ("\\boxed{7}", "-7"), ("no answer", "3"), ("\\boxed{\\frac{", "3")],
+    [
+        ("\\boxed{4}", "5"),
+        ("\\boxed{0.33}", "\\frac13"),
+        ("\\boxed{(2,1)}", "(1,2)"),
+        ("\\boxed{7}", "-7"),
+        ("no answer", "3"),
+        ("\\boxed{\\frac{", "3"),
+    ],
 )
 def test_grade_rejects_different_or_malformed_answers(completion, gold):
     assert aent.grade(completion, gold) == 0.0
@@ -267,23 +304,44 @@ def test_grade_rejects_different_or_malformed_answers(completion, gold):
 # data and prompt
 # ----------------------------------------------------------------------------------------------
 def test_problem_from_row_reads_gsm8k_math_and_plain_answer_rows():
-    assert aent.problem_from_row({"question": "q", "answer": "work\n#### 1,600"}) == {"question": "q", "gold": "1600"}
-    assert aent.problem_from_row({"problem": "p", "solution": "so \\boxed{\\frac{1}{2}}."}) == {"question": "p", "gold": "\\frac{1}{2}"}
-    assert aent.problem_from_row({"problem": "p", "answer": 27.0}) == {"question": "p", "gold": "27.0"}
-    assert aent.problem_from_row({"problem": "p", "solution": "no box"}) is None
-    assert aent.problem_from_row({"answer": "3"}) is None
+    assert plumbing.problem_from_row({"question": "q", "answer": "work\n#### 1,600"}) == {
+        "question": "q",
+        "gold": "1600",
+    }
+    assert plumbing.problem_from_row({"problem": "p", "solution": "so \\boxed{\\frac{1}{2}}."}) == {
+        "question": "p",
+        "gold": "\\frac{1}{2}",
+    }
+    assert plumbing.problem_from_row({"problem": "p", "answer": 27.0}) == {
+        "question": "p",
+        "gold": "27.0",
+    }
+    assert plumbing.problem_from_row({"problem": "p", "solution": "no box"}) is None
+    assert plumbing.problem_from_row({"answer": "3"}) is None
+    assert plumbing.problem_from_row({"question": "  q \n", "answer": "3"})["question"] == "q"
+
+
+def test_a_run_shorter_than_sample_every_stores_samples_of_its_first_and_last_step(tmp_path):
+    args = aent.parse_args(["--model", "tiny", "--steps", "3", "--out-dir", str(tmp_path / "run")])
+    assert args.sample_every > 3
+    aent.train(args)
+    samples = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
+    assert sorted({s["step"] for s in samples}) == [1, 3] and len(samples) == 6
+    assert all(set(s) == {"step", "prompt", "completion", "gold", "reward"} for s in samples)
 
 
 def test_prompt_uses_the_chat_template_with_the_system_prompt_when_there_is_one(tiny):
     _, tokenizer = tiny
     assert aent.build_prompt(tokenizer, "What is 1 + 1?") == "Question: What is 1 + 1?\nAnswer:"
-    tokenizer = aent.build_tiny()[1]
+    tokenizer = plumbing.build_tiny()[1]
     tokenizer.chat_template = (  # Qwen2.5's ChatML, shortened
         "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     prompt = aent.build_prompt(tokenizer, "What is 1 + 1?")
-    assert prompt.startswith("<|im_start|>system\n" + aent.SYSTEM_PROMPT) and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>system\n" + aent.SYSTEM_PROMPT) and prompt.endswith(
+        "<|im_start|>assistant\n"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,21 +351,42 @@ def test_token_stats_reproduce_generates_own_scores_under_left_padding(tiny):
     from transformers import GenerationConfig
 
     model, tokenizer = tiny
-    enc = tokenizer(["Question: What is 3 + 4?\nAnswer:", "Hi\nAnswer:"], return_tensors="pt", padding=True)
-    gen = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6, eos_token_id=[0],
-                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    enc = tokenizer(
+        ["Question: What is 3 + 4?\nAnswer:", "Hi\nAnswer:"], return_tensors="pt", padding=True
+    )
+    gen = GenerationConfig(
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=6,
+        eos_token_id=[0],
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     torch.manual_seed(0)
     out = model.generate(**enc, generation_config=gen)
     completion = out.sequences[:, enc.input_ids.size(1) :]  # [2, 6]
     mask = aent.completion_mask(completion, [0])
-    expected = (torch.stack(out.logits, 1).float() / 0.7).log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
+    expected = (
+        (torch.stack(out.logits, 1).float() / 0.7)
+        .log_softmax(-1)
+        .gather(-1, completion[..., None])
+        .squeeze(-1)
+    )
     with torch.no_grad():
-        logp, _, _ = aent.token_stats(model, out.sequences, torch.cat([enc.attention_mask, mask], 1), mask, temperature=0.7)
+        attention_mask = torch.cat([enc.attention_mask, mask], 1)
+        logp, _, _ = aent.token_stats(model, out.sequences, attention_mask, mask, 0.7, 0.0, None, 4)
     torch.testing.assert_close(logp, expected * mask, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("drop_frac,top_k,temperature", [(0.33, None, 0.8), (0.0, None, 1.0), (0.0, 7, 1.3)])
-def test_lean_token_stats_and_their_gradients_match_a_float64_full_logits_reference(tiny, drop_frac, top_k, temperature):
+@pytest.mark.parametrize(
+    "drop_frac,top_k,temperature", [(0.33, None, 0.8), (0.0, None, 1.0), (0.0, 7, 1.3)]
+)
+def test_token_stats_and_their_gradients_match_a_float64_full_logits_reference(
+    tiny, drop_frac, top_k, temperature
+):
     model, _ = tiny
     torch.manual_seed(3)
     B, P, T, V = 3, 5, 7, model.config.vocab_size
@@ -320,15 +399,22 @@ def test_lean_token_stats_and_their_gradients_match_a_float64_full_logits_refere
     w = torch.randn(2, B, T)
 
     model32 = model.train()
-    logp, hc, hf = aent.token_stats(model32, input_ids, attention_mask, mask, temperature, drop_frac, top_k, chunk=4)
+    logp, hc, hf = aent.token_stats(
+        model32, input_ids, attention_mask, mask, temperature, drop_frac, top_k, 4
+    )
     assert not hf.requires_grad  # the full entropy is logged, never differentiated
     ((w[0] * logp + w[1] * hc) * mask).sum().backward()
     grads = {n: p.grad.clone() for n, p in model32.named_parameters()}
     model32.zero_grad()
 
-    model64 = aent.build_tiny(seed=0)[0].double().train()
+    model64 = plumbing.build_tiny(seed=0)[0].double().train()
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model64(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, P - 1 : -1] / temperature
+    logits = (
+        model64(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[
+            :, P - 1 : -1
+        ]
+        / temperature
+    )
     ref_logp = logits.log_softmax(-1).gather(-1, input_ids[:, P:, None]).squeeze(-1)
     ref_hf = torch.distributions.Categorical(logits=logits).entropy()
     kept = logits.topk(top_k or V - int(drop_frac * V), dim=-1).values
@@ -341,57 +427,69 @@ def test_lean_token_stats_and_their_gradients_match_a_float64_full_logits_refere
         torch.testing.assert_close(grads[name].double(), p.grad, rtol=1e-3, atol=1e-5)
 
 
-def ref_token_stats(hidden, weight, bias, targets, temperature, k):
-    """float64 log pi(y), clamped entropy (top-k by a full sort) and full entropy from full logits."""
-    z = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) / temperature  # [N, V]
+def ref_head_stats(hidden, weight, bias, targets, temperature, k):
+    """float64 log pi(y), clamped entropy (top k by a full sort) and full entropy, all N at once."""
+    z = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) / temperature
     logp = z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     kept = z.sort(-1, descending=True).values[:, :k]
-    return logp, torch.distributions.Categorical(logits=kept).entropy(), torch.distributions.Categorical(logits=z).entropy()
+    full = torch.distributions.Categorical(logits=z).entropy()
+    return logp, torch.distributions.Categorical(logits=kept).entropy(), full
 
 
-@pytest.mark.parametrize("N,V,chunk,k,temperature,with_bias", [
-    (37, 3001, 8, 3001 - int(0.33 * 3001), 1.0, False),  # uneven last chunk, AEnt's drop fraction
-    (20, 500, 64, 20, 0.6, True),  # one chunk, top-k, a bias, T != 1
-    (9, 257, 4, 257, 1.3, False),  # nothing dropped: clamped = full
-])
-def test_token_stats_function_matches_float64_values_and_gradients(N, V, chunk, k, temperature, with_bias):
+@pytest.mark.parametrize(
+    "N,V,chunk,drop_frac,top_k,temperature,with_bias",
+    [
+        (37, 3001, 8, 0.33, None, 1.0, False),  # uneven last chunk, AEnt's drop fraction
+        (20, 500, 64, 0.0, 20, 0.6, True),  # one chunk, top-k, a bias, T != 1
+        (9, 257, 4, 0.0, None, 1.3, False),  # nothing dropped: clamped = full
+    ],
+)
+def test_chunked_head_stats_match_float64_values_and_gradients_of_full_logits(
+    N, V, chunk, drop_frac, top_k, temperature, with_bias
+):
     torch.manual_seed(N)
     hidden = (torch.randn(N, 16) * 2).requires_grad_()
     weight = torch.randn(V, 16).requires_grad_()
     bias = torch.randn(V).requires_grad_() if with_bias else None
     targets = torch.randint(0, V, (N,))
     g = torch.randn(2, N)
-    logp, hc, hf = aent.TokenStats.apply(hidden, weight, bias, targets, temperature, k, chunk)
+    setting = (temperature, drop_frac, top_k, chunk)
+    logp, hc, hf = aent.head_stats(hidden, targets, weight, bias, *setting)
+    assert not hf.requires_grad  # the full entropy is logged, never differentiated
     (g[0] * logp + g[1] * hc).sum().backward()
 
-    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
-    r_logp, r_hc, r_hf = ref_token_stats(leaves[0], leaves[1], leaves[2] if with_bias else None, targets, temperature, k)
+    leaves = [
+        t.detach().double().requires_grad_()
+        for t in (hidden, weight) + ((bias,) if with_bias else ())
+    ]
+    k = top_k or V - int(drop_frac * V)
+    r_logp, r_hc, r_hf = ref_head_stats(
+        leaves[0], leaves[1], leaves[2] if with_bias else None, targets, temperature, k
+    )
     (g[0] * r_logp + g[1] * r_hc).sum().backward()
     for got, ref in [(logp, r_logp), (hc, r_hc), (hf, r_hf)]:
         torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     for got, ref in zip([hidden, weight] + ([bias] if with_bias else []), leaves):
-        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5 * ref.grad.abs().max().item())
+        torch.testing.assert_close(
+            got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5 * ref.grad.abs().max().item()
+        )
     with torch.no_grad():  # the scoring pass: log-probs only, the same numbers
-        only = aent.TokenStats.apply(hidden, weight, bias, targets, temperature, k, chunk, False)[0]
+        only = aent.head_stats(hidden, targets, weight, bias, *setting, entropy="none")[0]
     torch.testing.assert_close(only, logp.detach(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("k", [1, 7, 500, 669, 670, 671, 1000])
-def test_kth_largest_is_the_kth_value_of_a_descending_sort(k):
-    z = torch.randn(5, 1000)
-    expected = z.sort(-1, descending=True).values[:, k - 1 : k]
-    assert torch.equal(aent.kth_largest(z, k), expected)
-
-
-def test_token_stats_stay_fp32_under_bf16_autocast():
+def test_head_stats_stay_fp32_under_bf16_autocast():
     torch.manual_seed(0)
-    hidden, weight = torch.randn(24, 16, requires_grad=True), torch.randn(800, 16, requires_grad=True)
+    hidden, weight = (
+        torch.randn(24, 16, requires_grad=True),
+        torch.randn(800, 16, requires_grad=True),
+    )
     targets = torch.randint(0, 800, (24,))
     results = []
     for enabled in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-            logp, hc, hf = aent.TokenStats.apply(hidden, weight, None, targets, 1.0, 536, 10)
-            (logp.sum() + hc.sum()).backward()
+            logp, hc, hf = aent.head_stats(hidden, targets, weight, None, 1.0, 0.33, None, 10)
+        (logp.sum() + hc.sum()).backward()  # outside autocast, as in training
         results.append([logp, hc, hf, hidden.grad.clone(), weight.grad.clone()])
         hidden.grad = weight.grad = None
     for plain, autocast in zip(*results):
@@ -399,41 +497,66 @@ def test_token_stats_stay_fp32_under_bf16_autocast():
         torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)
 
 
-def test_token_stats_keep_exactly_k_tokens_when_logits_tie_at_the_boundary():
-    # duplicate head rows give exactly equal logits; the k-th largest falls inside a tied group
-    torch.manual_seed(0)
-    base = torch.randn(6, 8)
-    weight = base[[0, 1, 2, 2, 2, 3, 3, 4, 5, 5]].clone().requires_grad_()  # V = 10 with ties
-    hidden = torch.randn(12, 8).requires_grad_()
-    targets = torch.randint(0, 10, (12,))
-    for k in range(1, 11):
-        hc = aent.TokenStats.apply(hidden, weight, None, targets, 1.0, k, 5)[1]
-        z = hidden.detach() @ weight.detach().T
-        torch.testing.assert_close(hc, aent.clamped_entropy(z, top_k=k), rtol=1e-5, atol=1e-6)
-        h64 = hidden.detach().double().requires_grad_()
-        ref = ref_token_stats(h64, weight.detach(), None, targets, 1.0, k)[1]
-        ref.sum().backward()  # tied rows are equal, so d/dhidden does not depend on which of them top-k keeps
-        hidden.grad = None
-        hc.sum().backward()
-        torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+def peak_rss_mib_of(fn):
+    """Peak resident memory (MiB) while fn runs, above the resident memory before it (Linux)."""
+    import ctypes
+
+    try:
+        # glibc keeps freed blocks below its mmap threshold in the heap, so RSS would show
+        # fragmentation rather than live tensors: serve every block of 1 MiB or more by mmap
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current RSS
+    except OSError:
+        pytest.skip("needs Linux with glibc")
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    before = status("VmRSS:")
+    fn()
+    return (status("VmHWM:") - before) / 1024
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
-def test_inverse_cdf_sampler_draws_from_the_tempered_nucleus_distribution(temperature, top_p):
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
-    p = (logits.double() / temperature).softmax(-1)
-    order = p.argsort(descending=True)
-    before = p[order].cumsum(0) - p[order]
-    nucleus = torch.zeros(6, dtype=torch.bool)
-    nucleus[order[before < top_p]] = True  # the fewest most likely tokens with mass >= top_p
-    expected = torch.where(nucleus, p, 0.0) / p[nucleus].sum()
-    n = 200_000
+@pytest.mark.parametrize("entropy", ["grad", "value"])
+def test_head_stats_memory_is_flat_in_the_number_of_tokens(entropy):
     torch.manual_seed(0)
-    scores = aent.InverseCDFSampler(temperature, top_p)(None, logits.repeat(n, 1))  # [n, 6]
-    assert ((scores == 0).sum(-1) == 1).all() and torch.isinf(scores).sum() == 5 * n  # one finite score per row
-    freq = torch.bincount(scores.argmax(-1), minlength=6).double() / n
-    assert (freq[~nucleus] == 0).all()
-    torch.testing.assert_close(freq, expected, rtol=0, atol=0.006)  # 5 standard errors at n = 200k
+    V, D = 20_000, 32
+    weight = (torch.randn(V, D) * 0.1).requires_grad_()
+    weight.grad = torch.zeros_like(weight)
+
+    def forward_and_backward(n, chunk):
+        hidden, targets = torch.randn(n, D, requires_grad=True), torch.randint(0, V, (n,))
+
+        def run():
+            logp, hc, _ = aent.head_stats(
+                hidden, targets, weight, None, 1.0, 0.33, None, chunk, entropy
+            )
+            (logp.sum() + (hc.sum() if hc.requires_grad else 0)).backward()
+
+        return peak_rss_mib_of(run)
+
+    forward_and_backward(256, 128)  # warm-up: allocator and autograd caches
+    small, large = forward_and_backward(256, 128), forward_and_backward(4096, 128)
+    whole = forward_and_backward(4096, 4096)  # one chunk: all [4096, V] logits alive at once
+    one_fp32_logits = 4096 * V * 4 / 2**20  # 312 MiB
+    assert large < small + 0.1 * one_fp32_logits, (small, large)
+    assert whole > one_fp32_logits > 2 * large, (whole, large)
+
+
+def test_a_training_step_calls_clamped_entropy(tmp_path, monkeypatch):
+    calls, real = [], aent.clamped_entropy
+
+    def counted(logits, drop_frac=0.0, top_k=None):
+        calls.append((tuple(logits.shape), drop_frac, top_k, torch.is_grad_enabled()))
+        return real(logits, drop_frac, top_k)
+
+    monkeypatch.setattr(aent, "clamped_entropy", counted)
+    args = aent.parse_args(["--model", "tiny", "--steps", "1", "--out-dir", str(tmp_path / "run")])
+    aent.train(args)
+    bonus = [c for c in calls if c[1] == args.drop_frac and c[3]]  # the bonus, with gradient
+    assert bonus and all(shape[-1] == 99 for shape, *_ in bonus)  # over the whole vocabulary
 
 
 def test_rollout_samples_groups_and_ignores_the_checkpoints_generation_config(tiny):
@@ -442,7 +565,14 @@ def test_rollout_samples_groups_and_ignores_the_checkpoints_generation_config(ti
     model.generation_config.top_k = 1
     gen = aent.generation_config(tokenizer, [0], max_new_tokens=5)
     torch.manual_seed(0)
-    roll = aent.rollout(model, tokenizer, ["Question: a\nAnswer:", "Question: bb\nAnswer:"], gen, group_size=8, batch_size=5)
+    roll = aent.rollout(
+        model,
+        tokenizer,
+        ["Question: a\nAnswer:", "Question: bb\nAnswer:"],
+        gen,
+        group_size=8,
+        batch_size=5,
+    )
     assert roll["input_ids"].shape[0] == 16 and roll["mask"].shape == (16, 5)
     assert len(set(roll["completions"][:8])) > 1  # sampled, not greedy
     assert torch.equal(roll["attention_mask"][:, -5:], roll["mask"])
@@ -450,13 +580,15 @@ def test_rollout_samples_groups_and_ignores_the_checkpoints_generation_config(ti
 
 def test_rollout_ignores_every_other_sampling_field_of_the_checkpoint(tiny):
     model, tokenizer = tiny
-    model.generation_config.no_repeat_ngram_size = 1  # would forbid any repeated token, prompt included
+    model.generation_config.no_repeat_ngram_size = (
+        1  # would forbid any repeated token, prompt included
+    )
     model.generation_config.repetition_penalty = 100.0
     model.generation_config.min_new_tokens = 20
     gen = aent.generation_config(tokenizer, [0], max_new_tokens=20)
     torch.manual_seed(0)
     roll = aent.rollout(model, tokenizer, ["Question: a\nAnswer:"], gen, group_size=16)
-    prompt = set(roll["input_ids"][0, : -20].tolist())
+    prompt = set(roll["input_ids"][0, :-20].tolist())
     completions = roll["input_ids"][:, -20:][roll["mask"].bool()].tolist()
     assert prompt & set(completions)  # tokens from the prompt do get sampled
     assert model.generation_config.no_repeat_ngram_size == 1  # the model's own config is restored
@@ -465,14 +597,19 @@ def test_rollout_ignores_every_other_sampling_field_of_the_checkpoint(tiny):
 def test_stop_token_ids_include_qwen_end_tokens(tiny):
     model, tokenizer = tiny
     ids = aent.stop_token_ids(model, tokenizer)
-    assert set(ids) == {tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert set(ids) == {
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # command line and the whole loop
 # ----------------------------------------------------------------------------------------------
 def test_help_explains_every_field():
-    out = subprocess.run([sys.executable, "aent.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "aent.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True
+    ).stdout
     for f in aent.dataclasses.fields(aent.Args):
         assert "--" + f.name.replace("_", "-") in out
         assert f.metadata["help"].split()[0] in out
@@ -496,29 +633,77 @@ def one_line_exit(fn, argv) -> str:
 
 @pytest.mark.parametrize(
     "flags, words",
-    [(["--group-size", "1"], "group-size"), (["--drop-frac", "1.0"], "drop-frac"), (["--top-k", "0"], "top-k"), (["--micro-batch-size", "0"], "micro-batch-size"), (["--mini-batch-prompts", "0"], "mini-batch-prompts"), (["--dataset", "nope.txt"], "unknown dataset"), (["--top-p", "0"], "top-p")],
+    [
+        (["--group-size", "1"], "group-size"),
+        (["--drop-frac", "1.0"], "drop-frac"),
+        (["--top-k", "0"], "top-k"),
+        (["--micro-batch-size", "0"], "micro-batch-size"),
+        (["--mini-batch-prompts", "0"], "mini-batch-prompts"),
+        (["--dataset", "nope.txt"], "unknown dataset"),
+        (["--top-p", "0"], "top-p"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be positive"),
+        (["--clip-low", "5"], "--clip-low"),
+        (["--clip-high", "-2"], "--clip-high"),
+        (["--dual-clip", "0.5"], "--dual-clip"),
+        (["--beta", "-0.1"], "--beta"),
+        (["--save-every", "-1"], "--save-every"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+        (["--long-prompts", "maybe"], "--long-prompts"),
+    ],
 )
 def test_bad_configuration_is_one_line_error(tmp_path, flags, words):
-    assert words in one_line_exit(aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "run"), *flags])
+    assert words in one_line_exit(
+        aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "run"), *flags]
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_the_command_line_prints_a_bad_configuration_as_one_line_without_a_traceback(tmp_path):
     res = run_aent("--model", "tiny", "--group-size", "1", "--out-dir", str(tmp_path / "run"))
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
-        "error: --group-size must be at least 2 (group advantages need a group)"]
+        "error: --group-size must be at least 2 (group advantages need a group)"
+    ]
 
 
 def test_one_training_step_end_to_end_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    args = aent.parse_args(["--model", "tiny", "--steps", "2", "--out-dir", str(out), "--sample-every", "1", "--mask-truncated", "--beta", "0.01"])
-    before = aent.build_tiny(seed=0)[0].state_dict()
+    args = aent.parse_args(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--out-dir",
+            str(out),
+            "--sample-every",
+            "1",
+            "--mask-truncated",
+            "--beta",
+            "0.01",
+        ]
+    )
+    before = plumbing.build_tiny(seed=0)[0].state_dict()
     model = aent.train(args)
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [1, 2]
-    for key in ["reward", "entropy_clamped", "entropy_full", "entropy_coef", "clip_frac", "response_len", "step_time", "truncated_frac", "zero_var_frac"]:
+    for key in [
+        "reward",
+        "entropy_clamped",
+        "entropy_full",
+        "entropy_coef",
+        "clip_frac",
+        "response_len",
+        "step_time",
+        "truncated_frac",
+        "zero_var_frac",
+    ]:
         assert all(math.isfinite(m[key]) for m in lines), key
     assert lines[0]["entropy_clamped"] < lines[0]["entropy_full"]
     assert (out / "samples.jsonl").exists()
@@ -529,16 +714,46 @@ def test_one_training_step_end_to_end_writes_metrics_and_a_loadable_checkpoint(t
 
 
 def test_a_saved_model_directory_trains_on_a_gsm8k_format_jsonl(tmp_path):
-    model, tokenizer = aent.build_tiny(seed=1)
+    model, tokenizer = plumbing.build_tiny(seed=1)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many?", "answer": f"{a} + {b} = {a + b}\n#### {a + b:,}"} for a in range(4) for b in range(900, 1300, 100)]
+    rows = [
+        {
+            "question": f"Tom has {a} apples and buys {b} more. How many?",
+            "answer": f"{a} + {b} = {a + b}\n#### {a + b:,}",
+        }
+        for a in range(4)
+        for b in range(900, 1300, 100)
+    ]
     with open(tmp_path / "train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    cmd = [sys.executable, "aent.py", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "train.jsonl"),
-           "--out-dir", str(tmp_path / "run"), "--steps", "1", "--prompts-per-step", "4", "--group-size", "2",
-           "--mini-batch-prompts", "2", "--max-new-tokens", "8", "--max-prompt-tokens", "128", "--lr", "1e-4"]
-    res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "aent.py",
+        "--model",
+        str(tmp_path / "model"),
+        "--dataset",
+        str(tmp_path / "train.jsonl"),
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--steps",
+        "1",
+        "--prompts-per-step",
+        "4",
+        "--group-size",
+        "2",
+        "--mini-batch-prompts",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--max-prompt-tokens",
+        "128",
+        "--lr",
+        "1e-4",
+    ]
+    res = subprocess.run(
+        cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["step"] == 1
     assert os.path.isfile(tmp_path / "run" / "final" / "config.json")
@@ -552,7 +767,9 @@ def test_cpu_demo_learns_its_toy_task(tmp_path):
     assert sum(rewards[-10:]) / 10 >= sum(rewards[:10]) / 10 + 0.3
 
 
-def test_synthetic_mdp_full_bonus_fails_with_one_optimal_action_where_clamped_keeps_working(tmp_path):
+def test_synthetic_mdp_full_bonus_fails_with_one_optimal_action_where_clamped_keeps_working(
+    tmp_path,
+):
     """mdp.py at full size (|A| = 1e5, 500 steps) on fewer seeds and m values: the README's finding."""
     import mdp
 
@@ -563,8 +780,12 @@ def test_synthetic_mdp_full_bonus_fails_with_one_optimal_action_where_clamped_ke
     assert value["full"]["10"] > 0.8  # ... which is small enough at m = 10
     for m in ("1", "10"):
         assert value["aent"][m] >= value["none"][m]
-    curve = torch.tensor(json.load(open(tmp_path / "results.json"))["values_at_sparsest_m"]["full"]).mean(1)
-    assert curve.max() - curve[-1] > 0.3  # at m = 1 the full bonus first helps, then its bias drags V down
+    curve = torch.tensor(
+        json.load(open(tmp_path / "results.json"))["values_at_sparsest_m"]["full"]
+    ).mean(1)
+    assert (
+        curve.max() - curve[-1] > 0.3
+    )  # at m = 1 the full bonus first helps, then its bias drags V down
     assert (tmp_path / "mdp.png").stat().st_size > 10_000
 
 
@@ -586,12 +807,15 @@ def test_grader_accepts_every_math500_solution_and_rejects_shifted_answers():
     assert sum(aent.grade(r["solution"], r["answer"]) for r in rows) == 500
     for r, other in zip(rows, rows[1:] + rows[:1]):
         if aent.grade(r["solution"], other["answer"]):  # only where the two answers really agree
-            assert aent.grade("\\boxed{" + r["answer"] + "}", other["answer"]) and other["answer"].replace("x=", "") == r["answer"]
+            assert (
+                aent.grade("\\boxed{" + r["answer"] + "}", other["answer"])
+                and other["answer"].replace("x=", "") == r["answer"]
+            )
 
 
 def test_grader_accepts_every_gsm8k_test_gold_and_rejects_shifted_answers():
     rows = shared_rows("gsm8k_test.jsonl")
-    golds = [aent.problem_from_row(r)["gold"] for r in rows]
+    golds = [plumbing.problem_from_row(r)["gold"] for r in rows]
     assert sum(aent.grade(r["answer"], g) for r, g in zip(rows, golds)) == 1319
     shifted = golds[1:] + golds[:1]
     accepted = [(g, s) for r, g, s in zip(rows, golds, shifted) if aent.grade(r["answer"], s)]
@@ -601,13 +825,27 @@ def test_grader_accepts_every_gsm8k_test_gold_and_rejects_shifted_answers():
 @pytest.mark.parametrize(
     "completion, gold, verdict",
     [
-        ("\\boxed{\\frac{3}{4}}", "0.75", 1), ("\\boxed{0.75}", "\\dfrac34", 1), ("\\boxed{\\tfrac{3}{4}}", "\\frac{3}{4}", 1),
-        ("\\boxed{y = -2}", "-2", 1), ("\\boxed{12,345}", "12345", 1), ("\\boxed{5\\text{ inches}}", "5", 1),
-        ("\\boxed{\\$4.50}", "4.5", 1), ("\\boxed{[2, 5)}", "[2,5)", 1), ("\\boxed{(3,-1)}", "(3, -1)", 1),
-        ("\\boxed{45^\\circ}", "45", 1), ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", 1), ("\\boxed{x^2+2x+1}", "(x+1)^2", 1),
-        ("\\boxed{\\frac{3}{5}}", "0.75", 0), ("\\boxed{[2, 5]}", "[2,5)", 0), ("\\boxed{(-1,3)}", "(3,-1)", 0),
-        ("\\boxed{12,346}", "12345", 0), ("\\boxed{2\\sqrt{2}}", "\\sqrt{12}", 0), ("\\boxed{46^\\circ}", "45", 0),
-        ("\\boxed{10^{10^{10}}}", "3", 0), ("\\boxed{\\frac{1}{0}}", "3", 0), ("\\boxed{}", "3", 0),
+        ("\\boxed{\\frac{3}{4}}", "0.75", 1),
+        ("\\boxed{0.75}", "\\dfrac34", 1),
+        ("\\boxed{\\tfrac{3}{4}}", "\\frac{3}{4}", 1),
+        ("\\boxed{y = -2}", "-2", 1),
+        ("\\boxed{12,345}", "12345", 1),
+        ("\\boxed{5\\text{ inches}}", "5", 1),
+        ("\\boxed{\\$4.50}", "4.5", 1),
+        ("\\boxed{[2, 5)}", "[2,5)", 1),
+        ("\\boxed{(3,-1)}", "(3, -1)", 1),
+        ("\\boxed{45^\\circ}", "45", 1),
+        ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", 1),
+        ("\\boxed{x^2+2x+1}", "(x+1)^2", 1),
+        ("\\boxed{\\frac{3}{5}}", "0.75", 0),
+        ("\\boxed{[2, 5]}", "[2,5)", 0),
+        ("\\boxed{(-1,3)}", "(3,-1)", 0),
+        ("\\boxed{12,346}", "12345", 0),
+        ("\\boxed{2\\sqrt{2}}", "\\sqrt{12}", 0),
+        ("\\boxed{46^\\circ}", "45", 0),
+        ("\\boxed{10^{10^{10}}}", "3", 0),
+        ("\\boxed{\\frac{1}{0}}", "3", 0),
+        ("\\boxed{}", "3", 0),
     ],
 )
 def test_grader_on_equivalent_forms_and_near_misses(completion, gold, verdict):
@@ -625,25 +863,37 @@ def test_pass_at_k_matches_the_combinatorial_definition():
 
 
 def test_complete_returns_completions_in_prompt_order_whatever_the_batching(tiny):
+    import eval as ev
+
     model, tokenizer = tiny
     gen = aent.generation_config(tokenizer, [0], max_new_tokens=6, temperature=0)
-    prompts = ["Question: a\nAnswer:", "Question: a much longer one\nAnswer:", "Q\nA:", "Question: 1+1\nAnswer:"]
-    together = aent.complete(model, tokenizer, prompts, gen, samples=1, batch_size=3)
-    alone = [aent.complete(model, tokenizer, [p], gen)[0] for p in prompts]
+    prompts = [
+        "Question: a\nAnswer:",
+        "Question: a much longer one\nAnswer:",
+        "Q\nA:",
+        "Question: 1+1\nAnswer:",
+    ]
+    together = ev.complete(model, tokenizer, prompts, gen, samples=1, batch_size=3)
+    alone = [ev.complete(model, tokenizer, [p], gen)[0] for p in prompts]
     assert together == alone
 
 
 def test_grading_in_worker_processes_agrees_with_grading_here():
     import eval as ev
 
-    pairs = [("\\boxed{0.5}", "\\frac12"), ("\\boxed{3}", "4"), ("so 1,600", "1600"), ("nothing", "1")]
+    pairs = [
+        ("\\boxed{0.5}", "\\frac12"),
+        ("\\boxed{3}", "4"),
+        ("so 1,600", "1600"),
+        ("nothing", "1"),
+    ]
     assert ev.grade_all(pairs, workers=2) == ev.grade_all(pairs, workers=0) == [1.0, 0.0, 1.0, 0.0]
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = aent.build_tiny(seed=0)
+    model, tokenizer = plumbing.build_tiny(seed=0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -655,18 +905,46 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_eval_runs_end_to_end_on_a_checkpoint_and_writes_table_summary_and_predictions(tmp_path, tiny_dir):
-    rows = [{"problem": f"What is {a}+{a}?", "solution": f"\\boxed{{{2 * a}}}", "level": 1 + a % 2, "subject": "Algebra"} for a in range(5)]
+def test_eval_runs_end_to_end_on_a_checkpoint_and_writes_table_summary_and_predictions(
+    tmp_path, tiny_dir
+):
+    rows = [
+        {
+            "problem": f"What is {a}+{a}?",
+            "solution": f"\\boxed{{{2 * a}}}",
+            "level": 1 + a % 2,
+            "subject": "Algebra",
+        }
+        for a in range(5)
+    ]
     bench = write_jsonl(tmp_path / "bench.jsonl", rows)
-    cmd = [sys.executable, "eval.py", "--model", str(tiny_dir), "--benchmarks", bench, "--protocol", "aent",
-           "--max-new-tokens", "4", "--batch-size", "8", "--out-dir", str(tmp_path / "out")]
-    res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "eval.py",
+        "--model",
+        str(tiny_dir),
+        "--benchmarks",
+        bench,
+        "--protocol",
+        "aent",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "8",
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
+    res = subprocess.run(
+        cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "pass@1" in res.stdout and "Level 1" in res.stdout and "Algebra" in res.stdout
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     result = summary["benchmarks"][bench]
     preds = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
-    assert result["n"] == len(preds) == 5 and summary["samples"] == 4 and summary["temperature"] == 0.6
+    assert (
+        result["n"] == len(preds) == 5 and summary["samples"] == 4 and summary["temperature"] == 0.6
+    )
     assert all(len(p["completions"]) == len(p["verdicts"]) == len(p["answers"]) == 4 for p in preds)
     assert [p["gold"] for p in preds] == [str(2 * a) for a in range(5)]
     assert result["pass@1"] == pytest.approx(sum(sum(p["verdicts"]) for p in preds) / 20)
@@ -678,7 +956,11 @@ def test_eval_runs_end_to_end_on_a_checkpoint_and_writes_table_summary_and_predi
     "bench_rows, model, words",
     [
         (None, "tiny_dir", "unknown benchmark"),
-        ([{"problem": "p", "solution": "\\boxed{1}"}, {"problem": "q", "solution": "no box"}], "tiny_dir", "line 2"),
+        (
+            [{"problem": "p", "solution": "\\boxed{1}"}, {"problem": "q", "solution": "no box"}],
+            "tiny_dir",
+            "line 2",
+        ),
         ([{"problem": "p", "answer": "1"}, "{not json"], "tiny_dir", "line 2"),
         ([{"problem": "p", "answer": "1"}], "no_tokenizer", "no tokenizer"),
     ],
@@ -687,11 +969,22 @@ def test_eval_bad_input_is_one_line_error(tmp_path, tiny_dir, bench_rows, model,
     bench = "gsm9k" if bench_rows is None else write_jsonl(tmp_path / "b.jsonl", bench_rows)
     if model == "no_tokenizer":
         model_dir = tmp_path / "m"
-        aent.build_tiny()[0].save_pretrained(model_dir)
+        plumbing.build_tiny()[0].save_pretrained(model_dir)
     else:
         model_dir = tiny_dir
-    cmd = [sys.executable, "eval.py", "--model", str(model_dir), "--benchmarks", bench, "--out-dir", str(tmp_path / "out")]
-    res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "eval.py",
+        "--model",
+        str(model_dir),
+        "--benchmarks",
+        bench,
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
+    res = subprocess.run(
+        cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and words in last and "Traceback" not in res.stderr
@@ -699,7 +992,20 @@ def test_eval_bad_input_is_one_line_error(tmp_path, tiny_dir, bench_rows, model,
 
 
 def test_training_logs_held_out_accuracy_with_eval_every(tmp_path):
-    args = aent.parse_args(["--model", "tiny", "--steps", "2", "--eval-every", "2", "--eval-size", "3", "--out-dir", str(tmp_path / "run")])
+    args = aent.parse_args(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--eval-size",
+            "3",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     aent.train(args)
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert "eval_accuracy" not in lines[0] and 0.0 <= lines[1]["eval_accuracy"] <= 1.0
@@ -709,37 +1015,64 @@ def test_training_logs_held_out_accuracy_with_eval_every(tmp_path):
 # robustness: resume, checkpoints, signals, numerics, bad input
 # ----------------------------------------------------------------------------------------------
 def run_aent(*flags):
-    return subprocess.run([sys.executable, "aent.py", *flags], cwd=HERE, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "aent.py", *flags],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_tiny_tokenizer_reloads_from_a_saved_checkpoint_unchanged(tiny_dir):
     from transformers import AutoTokenizer
 
     text = "Question: Tom has 3 apples.\nAnswer: <|im_end|>"
-    assert AutoTokenizer.from_pretrained(tiny_dir)(text).input_ids == aent.build_tiny()[1](text).input_ids
+    assert (
+        AutoTokenizer.from_pretrained(tiny_dir)(text).input_ids
+        == plumbing.build_tiny()[1](text).input_ids
+    )
 
 
 def wait_for_checkpoint(out_dir, newer_than, proc, timeout=180):
     start = time.time()
     while time.time() - start < timeout and proc.poll() is None:
-        latest = aent.latest_checkpoint(str(out_dir))
-        if latest and torch.load(os.path.join(latest, "trainer_state.pt"), weights_only=False)["step"] > newer_than:
-            return torch.load(os.path.join(latest, "trainer_state.pt"), weights_only=False)["step"]
+        latest = plumbing.latest_checkpoint(str(out_dir))
+        state = plumbing.load_state(latest) if latest else None
+        if state and state["step"] > newer_than:
+            return state["step"]
         time.sleep(0.05)
     return newer_than
 
 
-def test_a_run_killed_at_random_moments_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+def test_a_run_killed_at_random_moments_resumes_to_the_same_weights_as_an_uninterrupted_one(
+    tmp_path,
+):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    flags = ["--model", "tiny", "--steps", "10", "--save-every", "1", "--keep-last", "3", "--sample-every", "2"]
+    flags = [
+        "--model",
+        "tiny",
+        "--steps",
+        "10",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "3",
+        "--sample-every",
+        "2",
+    ]
     assert run_aent(*flags, "--out-dir", str(tmp_path / "straight")).returncode == 0
     rng, step = random.Random(0), 0
     for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "aent.py", *flags, "--out-dir", str(tmp_path / "killed")], cwd=HERE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, "aent.py", *flags, "--out-dir", str(tmp_path / "killed")],
+            cwd=HERE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         step = wait_for_checkpoint(tmp_path / "killed", step, proc)
         time.sleep(rng.uniform(0.0, 0.5))  # somewhere inside a step, or inside a checkpoint write
         proc.kill()
@@ -747,27 +1080,53 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights_as_an_uninte
     assert 0 < step < 10  # the kills did land mid-run
     assert run_aent(*flags, "--out-dir", str(tmp_path / "killed")).returncode == 0
 
-    straight, killed = load_file(tmp_path / "straight" / "final" / "model.safetensors"), load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    straight, killed = (
+        load_file(tmp_path / "straight" / "final" / "model.safetensors"),
+        load_file(tmp_path / "killed" / "final" / "model.safetensors"),
+    )
     assert all(torch.equal(straight[k], killed[k]) for k in straight)
     lines = [json.loads(line) for line in open(tmp_path / "killed" / "metrics.jsonl")]
     reference = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == list(range(1, 11))
-    assert [(m["reward"], m["loss"]) for m in lines] == [(m["reward"], m["loss"]) for m in reference]
-    assert [json.loads(line)["step"] for line in open(tmp_path / "killed" / "samples.jsonl")] == [s for s in (2, 4, 6, 8, 10) for _ in range(3)]
-    checkpoints = [d for d in os.listdir(tmp_path / "killed") if d.startswith("step_") or d == "final"]
+    assert [(m["reward"], m["loss"]) for m in lines] == [
+        (m["reward"], m["loss"]) for m in reference
+    ]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "killed" / "samples.jsonl")] == [
+        s for s in (1, 2, 4, 6, 8, 10) for _ in range(3)
+    ]
+    checkpoints = [
+        d for d in os.listdir(tmp_path / "killed") if d.startswith("step_") or d == "final"
+    ]
     assert "final" in checkpoints and len(checkpoints) <= 4
     for d in checkpoints:
         if not d.endswith(".tmp"):
             AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / d)
-            torch.load(tmp_path / "killed" / d / "optimizer.pt", weights_only=False)
+            torch.load(tmp_path / "killed" / d / "optimizer.pt", weights_only=True)
 
 
 def sigterm_once_a_step_is_logged(out, steps):
     """Start a tiny run, send SIGTERM as soon as its first step is logged; (returncode, stdout, stderr).
     Steps of 1024 sequences take long enough here for the signal to land inside step 2."""
-    flags = ["--model", "tiny", "--steps", str(steps), "--save-every", "0", "--prompts-per-step", "64", "--out-dir", str(out)]
-    proc = subprocess.Popen([sys.executable, "aent.py", *flags],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    flags = [
+        "--model",
+        "tiny",
+        "--steps",
+        str(steps),
+        "--save-every",
+        "0",
+        "--prompts-per-step",
+        "64",
+        "--out-dir",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "aent.py", *flags],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     start = time.time()
     while not (out / "metrics.jsonl").exists() and time.time() - start < 120:
         time.sleep(0.02)
@@ -783,10 +1142,18 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero(tmp_path):
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("stopped by SIGTERM after step") and "resume" in last
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
-    assert torch.load(os.path.join(aent.latest_checkpoint(str(out)), "trainer_state.pt"), weights_only=False)["step"] == steps[-1]
+    assert (
+        torch.load(
+            os.path.join(plumbing.latest_checkpoint(str(out)), "trainer_state.pt"),
+            weights_only=True,
+        )["step"]
+        == steps[-1]
+    )
 
 
-def test_non_finite_updates_are_skipped_then_the_run_stops_without_a_bad_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_updates_are_skipped_then_the_run_stops_without_a_bad_checkpoint(
+    tmp_path, monkeypatch
+):
     real = aent.policy_loss
     calls = {"n": 0}
 
@@ -796,32 +1163,75 @@ def test_non_finite_updates_are_skipped_then_the_run_stops_without_a_bad_checkpo
         return (loss * float("nan") if calls["n"] == 1 or calls["n"] > 4 else loss), stats
 
     monkeypatch.setattr(aent, "policy_loss", sometimes_nan)
-    args = aent.parse_args(["--model", "tiny", "--steps", "10", "--save-every", "1", "--out-dir", str(tmp_path / "run")])
+    args = aent.parse_args(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "10",
+            "--save-every",
+            "1",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     with pytest.raises(SystemExit) as stop:
         aent.train(args)
     assert "non-finite" in str(stop.value) and "without saving" in str(stop.value)
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert lines[0]["skipped_updates"] == 1 and lines[0]["step"] == 1  # the first update skipped, the second applied
+    assert (
+        lines[0]["skipped_updates"] == 1 and lines[0]["step"] == 1
+    )  # the first update skipped, the second applied
     for d in os.listdir(tmp_path / "run"):
         if d.startswith("step_"):
             from safetensors.torch import load_file
 
-            assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / d / "model.safetensors").values())
+            assert all(
+                torch.isfinite(t).all()
+                for t in load_file(tmp_path / "run" / d / "model.safetensors").values()
+            )
 
 
 def test_an_output_directory_holding_a_different_run_is_refused(tmp_path):
     out = str(tmp_path / "run")
     aent.main(["--model", "tiny", "--steps", "1", "--out-dir", out])
-    assert "--lr" in one_line_exit(aent.main, ["--model", "tiny", "--steps", "2", "--lr", "0.5", "--out-dir", out])
-    aent.main(["--model", "tiny", "--steps", "2", "--out-dir", out])  # same settings, more steps: resumes
+    assert "--lr" in one_line_exit(
+        aent.main, ["--model", "tiny", "--steps", "2", "--lr", "0.5", "--out-dir", out]
+    )
+    aent.main(
+        ["--model", "tiny", "--steps", "2", "--out-dir", out]
+    )  # same settings, more steps: resumes
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
-@pytest.mark.parametrize("case", ["missing_dir", "unknown_hub_id", "missing_file", "binary_file", "bad_json", "no_gold", "too_long", "context"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_dir",
+        "unknown_hub_id",
+        "missing_file",
+        "binary_file",
+        "bad_json",
+        "no_gold",
+        "too_long",
+        "context",
+    ],
+)
 def test_bad_training_input_is_one_line_error_before_any_work(tmp_path, tiny_dir, case):
     data = tmp_path / "d.jsonl"
     rows = [json.dumps({"question": "What is 2 + 2?", "answer": "#### 4"})] * 3
-    flags = ["--model", str(tiny_dir), "--dataset", str(data), "--max-new-tokens", "8", "--prompts-per-step", "2", "--mini-batch-prompts", "1"]
+    flags = [
+        "--model",
+        str(tiny_dir),
+        "--dataset",
+        str(data),
+        "--max-new-tokens",
+        "8",
+        "--prompts-per-step",
+        "2",
+        "--mini-batch-prompts",
+        "1",
+    ]
     if case == "missing_dir":
         flags[1], words = str(tmp_path / "nope"), "does not exist"
     elif case == "unknown_hub_id":
@@ -849,35 +1259,92 @@ def test_bad_training_input_is_one_line_error_before_any_work(tmp_path, tiny_dir
 
 def test_long_prompts_are_skipped_with_a_count_by_default(tmp_path, tiny_dir):
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"question": q, "answer": "#### 4"}) for q in ["2+2?", "2+2?", "x" * 100]) + "\n")
-    res = run_aent("--model", str(tiny_dir), "--dataset", str(data), "--max-prompt-tokens", "40", "--max-new-tokens", "4", "--steps", "1",
-                   "--prompts-per-step", "2", "--mini-batch-prompts", "1", "--out-dir", str(tmp_path / "out"))
+    data.write_text(
+        "\n".join(
+            json.dumps({"question": q, "answer": "#### 4"}) for q in ["2+2?", "2+2?", "x" * 100]
+        )
+        + "\n"
+    )
+    res = run_aent(
+        "--model",
+        str(tiny_dir),
+        "--dataset",
+        str(data),
+        "--max-prompt-tokens",
+        "40",
+        "--max-new-tokens",
+        "4",
+        "--steps",
+        "1",
+        "--prompts-per-step",
+        "2",
+        "--mini-batch-prompts",
+        "1",
+        "--out-dir",
+        str(tmp_path / "out"),
+    )
     assert res.returncode == 0, res.stderr[-1500:]
     assert "skipped 1 of 3 prompts longer than 40 tokens" in res.stdout
 
 
 def test_dataset_errors_come_before_the_model_is_loaded(tmp_path):
-    message = one_line_exit(aent.main, ["--model", "nobody/no-such-model", "--dataset", str(tmp_path / "absent.jsonl"), "--out-dir", str(tmp_path / "o")])
+    message = one_line_exit(
+        aent.main,
+        [
+            "--model",
+            "nobody/no-such-model",
+            "--dataset",
+            str(tmp_path / "absent.jsonl"),
+            "--out-dir",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "absent.jsonl" in message
 
 
 def test_an_out_dir_that_is_a_file_or_holds_foreign_output_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
-    assert "is a file" in one_line_exit(aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "file")])
+    assert "is a file" in one_line_exit(
+        aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "file")]
+    )
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "metrics.jsonl").write_text("hi\n")
-    assert "no args.json" in one_line_exit(aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "foreign")])
+    assert "no args.json" in one_line_exit(
+        aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "foreign")]
+    )
     assert (tmp_path / "foreign" / "metrics.jsonl").read_text() == "hi\n"
 
 
 def test_a_step_with_every_completion_masked_out_changes_neither_weights_nor_coefficient(tmp_path):
-    args = aent.parse_args(["--model", "tiny", "--steps", "2", "--max-new-tokens", "1", "--mask-truncated", "--group-size", "2",
-                            "--prompts-per-step", "2", "--mini-batch-prompts", "1", "--coef-warmup", "1", "--out-dir", str(tmp_path / "run")])
-    before = aent.build_tiny(seed=0)[0].state_dict()
+    args = aent.parse_args(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--max-new-tokens",
+            "1",
+            "--mask-truncated",
+            "--group-size",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--mini-batch-prompts",
+            "1",
+            "--coef-warmup",
+            "1",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    before = plumbing.build_tiny(seed=0)[0].state_dict()
     model = aent.train(args)
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert all(m["truncated_frac"] == 1.0 for m in lines)  # one new token, never an EOS here
-    assert all(math.isnan(m["entropy_clamped"]) for m in lines) and [m["entropy_coef"] for m in lines] == [args.entropy_coef] * 2
+    assert (
+        all(math.isnan(m["entropy_clamped"]) for m in lines)
+        and [m["entropy_coef"] for m in lines] == [args.entropy_coef] * 2
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -892,7 +1359,12 @@ def test_a_signal_during_the_last_step_still_writes_final(tmp_path, monkeypatch,
 
     monkeypatch.setattr(aent, "policy_update", update)
     out = tmp_path / "run"
-    aent.train(aent.parse_args(["--model", "tiny", "--steps", "2", "--save-every", "0", "--out-dir", str(out)]), stop)
+    aent.train(
+        aent.parse_args(
+            ["--model", "tiny", "--steps", "2", "--save-every", "0", "--out-dir", str(out)]
+        ),
+        stop,
+    )
     assert (out / "final" / "trainer_state.pt").exists() and not list(out.glob("step_*"))
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: 2 steps")
 
@@ -900,8 +1372,21 @@ def test_a_signal_during_the_last_step_still_writes_final(tmp_path, monkeypatch,
 # ----------------------------------------------------------------------------------------------
 # bench.py runs end to end (a miniature preset; the real figures come from `python bench.py`)
 # ----------------------------------------------------------------------------------------------
-MINI = dict(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32, vocab=600, prompts=2, group=2,
-            new_tokens=3, steps=1, chunk=16, micro=4, pass_tokens=[40])
+MINI = dict(
+    hidden=16,
+    layers=1,
+    heads=2,
+    kv_heads=1,
+    intermediate=32,
+    vocab=600,
+    prompts=2,
+    group=2,
+    new_tokens=3,
+    steps=1,
+    chunk=16,
+    micro=4,
+    pass_tokens=[40],
+)
 
 
 def run_bench(tmp_path, monkeypatch, *flags):
@@ -915,13 +1400,23 @@ def run_bench(tmp_path, monkeypatch, *flags):
 
 def test_bench_measures_our_step_and_both_passes(tmp_path, monkeypatch, capsys):
     out = run_bench(tmp_path, monkeypatch)
-    assert 0 < out["ours"]["tokens"] <= 2 * 2 * 3 and 0 < out["ours"]["rollout_time"] < out["ours"]["step_time"]
-    assert out["ours"]["peak_mib"] > 100 and out["pass_lean_40"]["time"] > 0 and out["pass_plain_40"]["extra_mib"] >= 0
+    assert (
+        0 < out["ours"]["tokens"] <= 2 * 2 * 3
+        and 0 < out["ours"]["rollout_time"] < out["ours"]["step_time"]
+    )
+    assert (
+        out["ours"]["peak_mib"] > 100
+        and out["pass_chunked_40"]["time"] > 0
+        and out["pass_full_40"]["extra_mib"] >= 0
+    )
     assert "rollout tokens/s" in capsys.readouterr().out
 
 
 def test_bench_runs_trl_side_by_side_when_it_is_installed(tmp_path, monkeypatch, capsys):
     pytest.importorskip("trl")
     out = run_bench(tmp_path, monkeypatch, "--vs-trl", "--no-pass")
-    assert 0 < out["trl"]["tokens"] <= 2 * 2 * 3 and out["ratios"]["step_time"] == out["ours"]["step_time"] / out["trl"]["step_time"]
+    assert (
+        0 < out["trl"]["tokens"] <= 2 * 2 * 3
+        and out["ratios"]["step_time"] == out["ours"]["step_time"] / out["trl"]["step_time"]
+    )
     assert "ratio" in capsys.readouterr().out

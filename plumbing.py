@@ -1,0 +1,438 @@
+"""Run plumbing for aent.py, none of it part of the method: checks of flags and input files,
+the run directory (resumable atomic checkpoints, logs, the same-run check), signals, and the
+tiny model of the offline CPU demo."""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import string
+import sys
+from typing import Optional
+
+import torch
+
+from grader import last_boxed
+
+BONUSES = ("none", "full", "clamped")  # --entropy: GRPO, the full-vocabulary bonus, AEnt
+# ----------------------------------------------------------------------------------------------
+# The CPU demo: a task and sizes where a randomly initialised model learns within minutes.
+# Applied with --model tiny to every flag not given on the command line.
+# ----------------------------------------------------------------------------------------------
+TINY_DEMO = dict(
+    dataset="toy", out_dir="runs/tiny", steps=150, prompts_per_step=16, group_size=16,
+    max_prompt_tokens=64, max_new_tokens=2, mini_batch_prompts=8, micro_batch_size=128, lr=1e-3,
+    weight_decay=0.0, entropy_coef=0.01, h_low=0.5, h_high=1.5, coef_lr=0.01, coef_min=0.001,
+    coef_max=0.05, coef_warmup=5, save_every=0, logits_chunk=256,
+)  # fmt: skip
+
+
+def build_tiny(seed: int = 0):
+    """A randomly initialised 2-layer Qwen2 with a 99-token character-level tokenizer, offline.
+
+    The tokenizer is a Qwen2Tokenizer (byte-level BPE without merges) over the printable ASCII
+    characters, so a saved checkpoint reloads through AutoTokenizer unchanged. Characters
+    outside that set are dropped.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    byte_level = [{" ": "\u0120", "\n": "\u010a"}.get(c, c) for c in chars]  # GPT-2's names
+    vocab = {t: i for i, t in enumerate(specials + byte_level)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=specials[1:])
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before anything loads: each problem is one line, `error: ...`, and nothing is written
+# ----------------------------------------------------------------------------------------------
+def check_args(args):
+    """Refuse impossible or silently harmful settings before any long work starts."""
+    problems = [
+        f"--{f.name.replace('_', '-')} must be a finite number"
+        for f in dataclasses.fields(args)
+        if f.type is float and not math.isfinite(getattr(args, f.name))
+    ]
+    a = args
+    rules = [
+        ("group_size", a.group_size >= 2, "at least 2 (group advantages need a group)"),
+        ("seed", 0 <= a.seed < 2**32, "in [0, 2**32)"),
+        ("top_k", a.top_k is None or a.top_k >= 1, "at least 1"),
+        ("temperature", a.temperature > 0, "positive for sampling"),
+        ("top_p", 0 < a.top_p <= 1, "in (0, 1]"),
+        ("lr", a.lr > 0, "positive"),
+        ("weight_decay", a.weight_decay >= 0, "at least 0"),
+        ("max_grad_norm", a.max_grad_norm > 0, "positive"),
+        ("clip_low", 0 <= a.clip_low < 1, "in [0, 1)"),
+        ("clip_high", a.clip_high >= 0, "at least 0"),
+        ("dual_clip", a.dual_clip > 1, "above 1"),
+        ("beta", a.beta >= 0, "at least 0"),
+        ("drop_frac", 0 <= a.drop_frac < 1, "in [0, 1)"),
+        ("entropy_coef", a.entropy_coef >= 0, "at least 0"),
+        ("coef_lr", a.coef_lr >= 0, "at least 0"),
+        ("coef_min", 0 <= a.coef_min <= a.coef_max, "in [0, --coef-max]"),
+        ("h_low", a.h_low <= a.h_high, "at most --h-high"),
+        ("long_prompts", a.long_prompts in ("skip", "error"), "skip or error"),
+        ("entropy", a.entropy in BONUSES, "one of " + ", ".join(BONUSES)),
+    ]
+    for name in ("steps", "prompts_per_step", "max_prompt_tokens", "max_new_tokens", "eval_size",
+                 "rollout_batch_size", "mini_batch_prompts", "ppo_epochs", "micro_batch_size",
+                 "logits_chunk", "keep_last", "max_bad_updates"):  # fmt: skip
+        rules.append((name, getattr(a, name) >= 1, "at least 1"))
+    for name in ("save_every", "sample_every", "eval_every", "coef_warmup"):
+        rules.append((name, getattr(a, name) >= 0, "at least 0"))
+    if a.mini_batch_prompts >= 1:
+        divides = a.prompts_per_step % a.mini_batch_prompts == 0
+        rules.append(("prompts_per_step", divides, "a multiple of --mini-batch-prompts"))
+    if a.entropy != "none" and a.adaptive_coef:
+        inside = a.coef_min <= a.entropy_coef <= a.coef_max
+        rules.append(("entropy_coef", inside, "in [--coef-min, --coef-max]"))
+    problems += [f"--{n.replace('_', '-')} must be {what}" for n, ok, what in rules if not ok]
+    if problems:
+        sys.exit("error: " + "; ".join(dict.fromkeys(problems)))
+
+
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line of a .jsonl file; a bad line is an error."""
+    rows = []
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8-sig"))
+                except (ValueError, UnicodeDecodeError) as e:
+                    sys.exit(f"error: {path} line {n}: not valid JSON ({str(e)[:80]})")
+                if not isinstance(row, dict):
+                    sys.exit(f"error: {path} line {n}: not a JSON object")
+                rows.append((n, row))
+    except OSError as e:
+        sys.exit(f"error: cannot read {path}: {e.strerror}")
+    return rows
+
+
+def read_rows(dataset: str, split: str, hub: dict):
+    """([(line number, row)], is_local) from a hub dataset by name or a .jsonl/.parquet file."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if dataset in hub:
+        name, config = hub[dataset]
+        try:
+            return list(enumerate(datasets.load_dataset(name, config, split=split), 1)), False
+        except Exception as e:  # offline, unknown split, ...: the library raises many kinds
+            sys.exit(f"error: cannot load {name} (split {split!r}): {str(e).splitlines()[0]}")
+    if not dataset.endswith((".jsonl", ".parquet")):
+        names = ", ".join(hub)
+        sys.exit(f"error: unknown dataset {dataset!r}: use {names}, toy, or a .jsonl/.parquet file")
+    if not os.path.isfile(dataset):
+        sys.exit(f"error: dataset file {dataset} not found")
+    if dataset.endswith(".jsonl"):
+        return read_jsonl(dataset), True
+    try:
+        rows = datasets.load_dataset("parquet", data_files=dataset, split="train")
+    except Exception as e:
+        sys.exit(f"error: cannot read {dataset} as parquet: {str(e).splitlines()[0]}")
+    return list(enumerate(rows, 1)), True
+
+
+def problem_from_row(row: dict) -> Optional[dict]:
+    """A dataset row -> {'question', 'gold'[, 'level', 'subject']}, or None if it lacks either.
+
+    Gold is `answer` (GSM8K's '... #### 1,600' -> '1600'), else the last \\boxed{} of `solution`.
+    """
+    question, gold = row.get("question") or row.get("problem"), row.get("answer")
+    if gold is not None and "####" in str(gold):
+        gold = str(gold).split("####")[-1].replace(",", "")
+    elif gold is None and row.get("solution"):
+        gold = last_boxed(str(row["solution"]))
+    if not str(question or "").strip() or not str(gold if gold is not None else "").strip():
+        return None
+    problem = {"question": str(question).strip(), "gold": str(gold).strip()}
+    level, subject = row.get("level"), row.get("subject") or row.get("type")
+    if level is not None:
+        problem["level"] = f"Level {level}" if isinstance(level, int) else str(level)
+    if subject:
+        problem["subject"] = str(subject)
+    return problem
+
+
+def read_problems(dataset: str, split: str, hub: dict) -> list[dict]:
+    """Problems from a hub dataset or a local file. A hub row without question or gold is
+    skipped; in a local file it is an error that names the line."""
+    rows, local = read_rows(dataset, split, hub)
+    problems = []
+    for n, row in rows:
+        problem = problem_from_row(row)
+        if problem is None and local:
+            where = "line" if dataset.endswith(".jsonl") else "row"
+            sys.exit(
+                f"error: {dataset} {where} {n}: needs a question/problem and a gold answer "
+                "(answer, or \\boxed{} in solution)"
+            )
+        problems += [problem] if problem else []
+    if not problems:
+        sys.exit(f"error: {dataset} has no rows with a question/problem and an answer/solution")
+    return problems
+
+
+def check_model_path(name: str):
+    """A local model directory must exist and hold a tokenizer."""
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if os.path.isdir(name):
+        if not any(os.path.exists(os.path.join(name, f)) for f in tokenizer_files):
+            sys.exit(f"error: {name} has no tokenizer (tokenizer.json); save one beside the model")
+    elif name.startswith((".", "/", "~")) or os.path.exists(name):
+        sys.exit(f"error: model directory {name} does not exist")
+
+
+def check_prompt_lengths(lengths: list[int], context: Optional[int], args) -> list[int]:
+    """Indices of the prompts that fit --max-prompt-tokens (the others are skipped with a count,
+    or an error with --long-prompts error); prompt + --max-new-tokens must fit the context."""
+    limit = args.max_prompt_tokens
+    fits = [i for i, n in enumerate(lengths) if n <= limit]
+    too_long = len(lengths) - len(fits)
+    if too_long and (args.long_prompts == "error" or not fits):
+        first = next(i for i, n in enumerate(lengths) if n > limit)
+        sys.exit(
+            f"error: {too_long} of {len(lengths)} prompts are longer than --max-prompt-tokens "
+            f"{limit} (problem {first + 1} has {lengths[first]} tokens); raise the limit"
+            + (" or pass --long-prompts skip" if fits else "")
+        )
+    if too_long:
+        print(f"skipped {too_long} of {len(lengths)} prompts longer than {limit} tokens")
+    longest = max(lengths[i] for i in fits)
+    if context and longest + args.max_new_tokens > context:
+        sys.exit(
+            f"error: the longest prompt ({longest} tokens) + --max-new-tokens "
+            f"({args.max_new_tokens}) exceeds the model's context of {context} tokens"
+        )
+    return fits
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory: args.json, metrics.jsonl, samples.jsonl, step_NNNNNN/ and final/
+# ----------------------------------------------------------------------------------------------
+RESUMABLE = ("out_dir", "steps", "save_every", "keep_last", "sample_every", "max_bad_updates")
+
+
+def step_batch(n_problems: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
+    """Problem indices for a step: epochs of seeded permutations, a pure function of the step,
+    so a resumed run sees the data an uninterrupted one would."""
+    out, pos = [], step * prompts_per_step
+    while len(out) < prompts_per_step:
+        epoch, offset = divmod(pos, n_problems)
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        take = torch.randperm(n_problems, generator=gen)[offset:][: prompts_per_step - len(out)]
+        out += take.tolist()
+        pos += len(take)
+    return out
+
+
+def check_same_run(args):
+    """An out_dir holds one run: resuming needs the same settings, bar the RESUMABLE ones."""
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"error: --out-dir {out} is a file, not a directory")
+    path = os.path.join(out, "args.json")
+    if not os.path.isfile(path):
+        if os.path.isdir(out) and any(
+            n == "metrics.jsonl" or n.startswith("step_") for n in os.listdir(out)
+        ):
+            sys.exit(
+                f"error: {out} holds training output but no args.json; choose another --out-dir"
+            )
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError:
+        sys.exit(f"error: {path} is damaged; choose another --out-dir")
+    now = dataclasses.asdict(args)
+    changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    if changed:
+        diffs = ", ".join(
+            f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4]
+        )
+        sys.exit(
+            f"error: {out} holds a different run ({diffs}); choose another --out-dir or use its settings"
+        )
+
+
+def load_state(path: str) -> Optional[dict]:
+    """A checkpoint's trainer state, read without running any code (weights_only); None if damaged."""
+    try:
+        return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    except Exception:
+        return None
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    """The checkpoint with the most steps in out_dir (step_*/, final/, or final.old/ left by a
+    kill while final/ was replaced) whose trainer state reads back, if any."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    names = [
+        n for n in names if n.startswith("step_") and "." not in n or n in ("final", "final.old")
+    ]
+    states = {n: load_state(os.path.join(out_dir, n)) for n in names}
+    steps = {n: s["step"] for n, s in states.items() if s is not None}
+    return os.path.join(out_dir, max(steps, key=steps.get)) if steps else None
+
+
+def resume_point(args):
+    """(checkpoint, its trainer state) to resume this run from, or (None, None) for a new run."""
+    check_same_run(args)
+    path = latest_checkpoint(args.out_dir)
+    return (path, load_state(path)) if path else (None, None)
+
+
+def restore(path: str, state: dict, optimizer):
+    """Load the optimizer and RNG state of a checkpoint; (step, coef, bad_streak) to continue from."""
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state["step"], state["coef"], state["bad_streak"]
+
+
+def write_atomic(path: str, text: str):
+    """Whole or not at all: a temporary file, flushed to disk, then renamed."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def start_logs(args, step: int):
+    """Write args.json and cut the logs back to `step`: a resumed run logs each step once."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name in os.listdir(args.out_dir):  # left by a run killed mid-write
+        if name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(args.out_dir, name), ignore_errors=True)
+    write_atomic(
+        os.path.join(args.out_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=1)
+    )
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(args.out_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if logged_step(line) <= step]
+            write_atomic(path, "".join(kept))
+
+
+def logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+        return math.inf
+
+
+def log_step(args, metrics: dict, completions, prompts, golds, rewards, write=print):
+    """Append a step to metrics.jsonl and print a line about it. On the first and last step and
+    every --sample-every steps, the first completion of 3 groups goes to samples.jsonl."""
+    with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    m, G = metrics, args.group_size
+    write(
+        f"step {m['step']:>4} | reward {m['reward']:.3f} | H~ {m['entropy_clamped']:.3f} "
+        f"H {m['entropy_full']:.3f} | coef {m['entropy_coef']:.4g} | clip {m['clip_frac']:.3f} | "
+        f"len {m['response_len']:.0f} | {m['step_time']:.1f}s"
+        + (f" | held-out accuracy {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else "")
+    )
+    step, every = m["step"], args.sample_every
+    if not every or (step % every and step not in (1, args.steps)):
+        return
+    samples = [
+        {"step": step, "prompt": prompts[j // G], "completion": completions[j], "gold": golds[j],
+         "reward": float(rewards[j])}
+        for j in range(0, min(len(completions), 3 * G), G)
+    ]  # fmt: skip
+    with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    for s in samples[:2]:
+        write(f"  sample (reward {s['reward']:.0f}, gold {s['gold']}): {s['completion'][:200]!r}")
+
+
+def stop_if_diverged(bad_streak: int, args):
+    """--max-bad-updates non-finite updates in a row end the run, without a checkpoint."""
+    if bad_streak >= args.max_bad_updates:
+        sys.exit(
+            f"error: {bad_streak} updates in a row had a non-finite loss or gradient; stopped "
+            f"without saving ({last_checkpoint_note(args.out_dir)})"
+        )
+
+
+def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool = False) -> str:
+    """Write step_NNNNNN/ (or final/): save_pretrained weights and tokenizer, optimizer.pt and
+    trainer_state.pt (with the RNG state). Written to NAME.tmp/, synced, and renamed, so a
+    checkpoint is complete or absent; older step checkpoints beyond --keep-last are deleted."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError("refusing to write non-finite weights")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the step bar is progress enough
+    name = "final" if final else f"step_{state['step']:06d}"
+    path = os.path.join(args.out_dir, name)
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    rng = {"torch": torch.get_rng_state(), "cuda": cuda}
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({**state, "rng": rng}, os.path.join(tmp, "trainer_state.pt"))
+    for f in os.listdir(tmp):
+        with open(os.path.join(tmp, f), "rb") as fh:
+            os.fsync(fh.fileno())
+    if os.path.isdir(path):  # replace final/ without a moment where no complete copy exists
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    steps = sorted(n for n in os.listdir(args.out_dir) if n.startswith("step_") and "." not in n)
+    for n in steps[: -args.keep_last]:
+        shutil.rmtree(os.path.join(args.out_dir, n), ignore_errors=True)
+    return path
+
+
+def last_checkpoint_note(out_dir: str) -> str:
+    path = latest_checkpoint(out_dir)
+    return f"the last checkpoint is {path}" if path else "no checkpoint was written"
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals
+# ----------------------------------------------------------------------------------------------
+class StopRequest:
+    """Inside `with StopRequest() as stop:`, SIGINT, SIGTERM and SIGHUP set stop.requested: the
+    training loop finishes its step, writes a checkpoint and returns. A second Ctrl-C stops at
+    once, leaving the checkpoints as they were."""
+
+    requested = None
+
+    def __enter__(self):
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        self.previous = {s: signal.signal(s, self.handle) for s in signals}
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is KeyboardInterrupt:
+            sys.exit("interrupted; checkpoints written before are intact")
+
+    def handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
