@@ -6,9 +6,9 @@ each line a function of this file, in the order it reads:
   1. rollout              sample G completions for each of N prompts with HF `generate`
   2. grade                r_i = 1 if completion i's final answer equals the gold one, else 0
   3. group_advantages     A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
-  4. clamped_entropy      H~(s) = entropy of softmax(z / T) renormalised over the kept set A_k:
-                          the lowest-logit fraction p of the vocabulary is dropped
-  5. policy_loss          L = L_PPO-clip(ratio, A) - lambda * mean_t H~(s_t)   (token-mean)
+  4. clamped_entropy      H~(s) = entropy of softmax(logits / temperature) renormalised over the
+                          kept set A_k: the lowest-logit fraction p of the vocabulary is dropped
+  5. policy_loss          L = L_PPO-clip(ratio, A) - lambda * mean_t H~(s_t), token-mean (+ bonus)
   6. update_entropy_coef  lambda <- clip(lambda - eta * (min(0, H~ - H_low) + max(0, H~ - H_high)),
                                      lambda_min, lambda_max), once per step
 
@@ -22,7 +22,6 @@ entropy coefficient, eta its step size (--coef-lr), beta the weight of an option
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -139,8 +138,9 @@ def build_prompt(tokenizer, question: str) -> str:
     return f"Question: {question}\nAnswer:"  # a model without a template (the tiny demo)
 
 
-def prepare_prompts(problems: list[dict], tokenizer, context: Optional[int], args: Args):
+def prepare_prompts(problems: list[dict], tokenizer, config, args: Args):
     """(prompt, gold) pairs to train on and, with --eval-every, the held-out ones."""
+    context = getattr(config, "max_position_embeddings", None)
     prompts = [build_prompt(tokenizer, p["question"]) for p in problems]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
     keep = plumbing.check_prompt_lengths(lengths, context, args)  # skips or stops on long ones
@@ -293,12 +293,14 @@ def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optiona
     return -(logp.exp() * logp).sum(-1)  # [...]
 
 
-def head_stats(hidden, targets, weight, bias, temperature, drop_frac, top_k, chunk, entropy="grad"):
-    """log pi(y), H~ and H of N tokens, from fp32 logits z = (hidden W^T + b) / T.
+def head_stats(
+    hidden, targets, weight, bias, temperature, drop_frac, top_k, chunk, entropies="bonus"
+):
+    """log pi(y), H~ and H of N tokens, from fp32 logits (hidden W^T + b) / temperature.
 
     hidden [N, D] (the states that predict the tokens), targets [N] -> three [N] tensors.
-    entropy="grad": H~ carries gradient (the bonus); "value": H~ and H are only logged; "none":
-    log pi(y) alone (entropies 0). H, the full entropy, never carries gradient. `chunk` tokens
+    entropies="bonus": H~ carries gradient; "log": H~ and H are values only; "skip": log pi(y)
+    alone (entropies 0). H, the full entropy, never carries gradient. `chunk` tokens
     at a time, each under torch.utils.checkpoint: a chunk's [chunk, V] logits are freed after
     its forward and recomputed in the backward, so memory stays flat in N.
     """
@@ -308,9 +310,9 @@ def head_stats(hidden, targets, weight, bias, temperature, drop_frac, top_k, chu
             b = None if bias is None else bias.float()
             logits = F.linear(h.float(), weight.float(), b) / temperature  # [C, V]
         logp = logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)  # [C]
-        if entropy == "none":
+        if entropies == "skip":
             return logp, torch.zeros_like(logp), torch.zeros_like(logp)
-        with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(entropies == "bonus" and torch.is_grad_enabled()):
             h_clamped = clamped_entropy(logits, drop_frac, top_k)  # [C]
         with torch.no_grad():
             return logp, h_clamped, clamped_entropy(logits)  # nothing dropped: H
@@ -321,7 +323,7 @@ def head_stats(hidden, targets, weight, bias, temperature, drop_frac, top_k, chu
 
 
 def token_stats(
-    model, input_ids, attention_mask, mask, temperature, drop_frac, top_k, chunk, entropy="grad"
+    model, input_ids, attention_mask, mask, temperature, drop_frac, top_k, chunk, entropies="bonus"
 ):
     """log pi(y_t), H~(s_t) and H(s_t) per completion token: three [B, T], 0 where mask is 0.
     The head runs at completion positions only, through `head_stats`."""
@@ -333,7 +335,7 @@ def token_stats(
     hidden = hidden[:, -T - 1 : -1][keep]  # [N, D] the states that predict completion tokens
     targets = input_ids[:, -T:][keep]  # [N]
     head = model.get_output_embeddings()
-    setting = (temperature, drop_frac, top_k, chunk, entropy)
+    setting = (temperature, drop_frac, top_k, chunk, entropies)
     stats = head_stats(hidden, targets, head.weight, head.bias, *setting)
     zeros = torch.zeros(mask.shape, device=mask.device)  # [B, T]
     return tuple(zeros.masked_scatter(keep, x) for x in stats)  # 3 x [B, T]
@@ -374,8 +376,8 @@ def kl_penalty(logp, ref_logp):
 
 # 9. Coefficient update ----------------------------------------------------------------------------
 def update_entropy_coef(coef, entropy, h_low, h_high, lr, coef_min, coef_max) -> float:
-    """lambda <- clip(lambda - eta (min(0, H - H_low) + max(0, H - H_high)), lambda_min, lambda_max)
-    with eta = lr: entropy below the band raises lambda, above it lowers it, inside leaves it."""
+    """lambda <- clip(lambda - eta (min(0, H~ - H_low) + max(0, H~ - H_high)), lambda_min,
+    lambda_max), eta = lr, H~ = entropy: below the band lambda rises, above it falls."""
     step = min(0.0, entropy - h_low) + max(0.0, entropy - h_high)
     return float(min(max(coef - lr * step, coef_min), coef_max))
 
@@ -386,26 +388,27 @@ UPDATE_STATS = "loss clip_frac dual_clip_frac approx_kl kl entropy_clamped entro
 
 def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None, bad_streak=0):
     """PPO epochs over one step's rollouts: minibatches of whole groups, micro-batches inside,
-    each weighted by its share of tokens so that a minibatch's loss is a token-mean. An update
-    whose loss or gradient is not finite is skipped. Returns token-means of the loss terms."""
+    each weighted by its share of tokens so that a minibatch's loss is a token-mean over mask
+    [B, T] (the completion tokens in the loss). An update whose loss or gradient is not finite
+    is skipped. Returns token-means of the loss terms."""
     G, B = args.group_size, mask.size(0)
     n_tokens = mask.sum(1).tolist()  # [B] on the host: no sync per micro-batch
     # --entropy full keeps every token: its "clamped" entropy is the full one
     drop_frac, top_k = (0.0, None) if args.entropy == "full" else (args.drop_frac, args.top_k)
     setting = (args.temperature, drop_frac, top_k, args.logits_chunk)
 
-    def stats(net, rows, entropy):  # log pi, H~, H of the rows' completion tokens, [b, T] each
+    def stats(net, rows, entropies):  # log pi, H~, H of the rows' completion tokens, [b, T] each
         ids, attn = roll["input_ids"][rows], roll["attention_mask"][rows]
-        with torch.set_grad_enabled(entropy != "none"), autocast(adv.device):
-            return token_stats(net, ids, attn, mask[rows], *setting, entropy)
+        with torch.set_grad_enabled(entropies != "skip"), autocast(adv.device):
+            return token_stats(net, ids, attn, mask[rows], *setting, entropies)
 
     # With one update per step the policy is still the rollout policy when the loss is taken,
     # so the old log-probs are the update's own, detached; otherwise they are scored first.
     on_policy = args.ppo_epochs == 1 and args.mini_batch_prompts == args.prompts_per_step
     micro = torch.arange(B).split(args.micro_batch_size)
     model.eval()
-    old_logp = None if on_policy else torch.cat([stats(model, r, "none")[0] for r in micro])
-    ref_logp = torch.cat([stats(ref_model, r, "none")[0] for r in micro]) if ref_model else None
+    old_logp = None if on_policy else torch.cat([stats(model, r, "skip")[0] for r in micro])
+    ref_logp = torch.cat([stats(ref_model, r, "skip")[0] for r in micro]) if ref_model else None
     model.train()
 
     logged, updates, skipped = [], 0, 0  # logged: (tokens, stats) per micro-batch
@@ -421,7 +424,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
                 m, n = mask[rows], sum(n_tokens[i] for i in rows.tolist())  # m [b, T]
                 if n == 0:
                     continue
-                logp, h_clamped, h_full = stats(model, rows, "grad" if coef else "value")
+                logp, h_clamped, h_full = stats(model, rows, "bonus" if coef else "log")
                 old = logp.detach() if on_policy else old_logp[rows]  # [b, T]
                 clip = (args.clip_low, args.clip_high, args.dual_clip)
                 loss, st = policy_loss(logp, old, adv[rows], m, *clip)
@@ -443,7 +446,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
                 skipped, bad_streak = skipped + 1, bad_streak + 1
                 plumbing.stop_if_diverged(bad_streak, args)
             opt.zero_grad(set_to_none=True)
-    out = dict.fromkeys(UPDATE_STATS, math.nan)
+    out = dict.fromkeys(UPDATE_STATS, float("nan"))
     for k in logged[0][1] if logged else ():  # token-means over the whole step
         out[k] = (sum(n * s[k].detach() for n, s in logged) / sum(n for n, _ in logged)).item()
     return {**out, "updates": updates, "skipped": skipped, "bad_streak": bad_streak}
@@ -462,8 +465,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         return None
     problems = load_problems(args.dataset, args.split)  # data errors come before the model loads
     model, tokenizer = load_model(resume or args.model, device, args.seed)
-    context = getattr(model.config, "max_position_embeddings", None)
-    pairs, held_out = prepare_prompts(problems, tokenizer, context, args)  # (prompt, gold) pairs
+    pairs, held_out = prepare_prompts(problems, tokenizer, model.config, args)  # (prompt, gold)
     eos = stop_token_ids(model, tokenizer)
     sampling = generation_config(tokenizer, eos, args.max_new_tokens, args.temperature, args.top_p)
     greedy = generation_config(tokenizer, eos, args.max_new_tokens, temperature=0)

@@ -366,7 +366,7 @@ def main(argv=None):
         except ImportError:
             sys.exit("error: --vs-trl needs trl (pip install trl)")
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    B = p["prompts"] * p["group"]
+
     print(
         f"preset {preset} on {device}: hidden {p['hidden']}, {p['layers']} layers, vocab {p['vocab']}; "
         f"{p['prompts']} prompts x {p['group']} samples x {p['new_tokens']} tokens per step, "

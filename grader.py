@@ -6,7 +6,6 @@ Training (`aent.py`) and evaluation (`eval.py`) use these same two functions.
     grade("so \\boxed{0.5}", "\\frac12")      -> 1.0
 """
 
-import functools
 import re
 import threading
 from typing import Optional
@@ -42,11 +41,22 @@ def extract_answer(text: str) -> Optional[str]:
     return numbers[-1] if numbers else None
 
 
-@functools.lru_cache(maxsize=65536)
+_PARSED = {}  # answer -> math-verify's parse of it
+
+
 def _parse(answer: str, timeout):
+    """math-verify's parse, cached; an empty result (a failure or a timeout) is not cached, so a
+    gold answer that timed out once on a busy machine is not wrong for the rest of the run."""
     from math_verify import parse
 
-    return parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+    if answer not in _PARSED:
+        parsed = parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+        if not parsed:
+            return parsed
+        if len(_PARSED) >= 65536:
+            _PARSED.clear()
+        _PARSED[answer] = parsed
+    return _PARSED[answer]
 
 
 def grade(completion: str, gold: str) -> float:

@@ -319,8 +319,9 @@ def start_logs(args, step: int):
     """Write args.json and cut the logs back to `step`: a resumed run logs each step once."""
     os.makedirs(args.out_dir, exist_ok=True)
     for name in os.listdir(args.out_dir):  # left by a run killed mid-write
+        path = os.path.join(args.out_dir, name)
         if name.endswith(".tmp"):
-            shutil.rmtree(os.path.join(args.out_dir, name), ignore_errors=True)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     write_atomic(
         os.path.join(args.out_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=1)
     )
@@ -423,8 +424,11 @@ class StopRequest:
     requested = None
 
     def __enter__(self):
-        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        self.previous = {s: signal.signal(s, self.handle) for s in signals}
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # an ignored one (nohup) stays so
+        self.previous = {s: signal.getsignal(s) for s in signals}
+        for s in signals:
+            if self.previous[s] is not signal.SIG_IGN:
+                signal.signal(s, self.handle)
         return self
 
     def __exit__(self, kind, value, traceback):
@@ -436,3 +440,7 @@ class StopRequest:
     def handle(self, signum, frame):
         self.requested = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
