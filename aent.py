@@ -22,14 +22,19 @@ entropy coefficient, eta its step size (--coef-lr), beta the weight of an option
 
 import argparse
 import dataclasses
+import signal
 import sys
 import time
+
+if __name__ == "__main__":  # Ctrl-C while the libraries import: exit quietly, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 import plumbing
 from grader import extract_answer, grade  # noqa: F401  (part of this module's interface)
@@ -142,7 +147,7 @@ def prepare_prompts(problems: list[dict], tokenizer, config, args: Args):
     """(prompt, gold) pairs to train on and, with --eval-every, the held-out ones."""
     context = getattr(config, "max_position_embeddings", None)
     prompts = [build_prompt(tokenizer, p["question"]) for p in problems]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    lengths = plumbing.prompt_lengths(tokenizer, prompts, args.max_prompt_tokens)
     keep = plumbing.check_prompt_lengths(lengths, context, args)  # skips or stops on long ones
     pairs = [(prompts[i], problems[i]["gold"]) for i in keep]
     if not args.eval_every:
@@ -454,8 +459,6 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
 
 def train(args: Args, stop: Optional[StopRequest] = None):
     """Train, or resume the run in args.out_dir. Returns the model (None if nothing was left)."""
-    from tqdm import tqdm
-
     plumbing.check_args(args)
     stop = stop or StopRequest()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -478,8 +481,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
     torch.manual_seed(args.seed)
     start, coef, bad_streak = 0, (0.0 if args.entropy == "none" else args.entropy_coef), 0
     if state:  # the weights came with the model; the optimizer, RNG and counters from here
-        start, coef, bad_streak = plumbing.restore(resume, state, opt)
-        print(f"resuming from {resume} (step {start})")
+        start, coef, bad_streak = plumbing.restore(resume, state, opt)  # and says so
     plumbing.start_logs(args, start)  # args.json; logs cut back to the checkpoint's step
     print(f"model {args.model} on {device} | {len(pairs)} problems | bonus: {args.entropy}")
 
@@ -532,9 +534,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
             path = plumbing.save_checkpoint(args, model, tokenizer, opt, state, final=done)
             if stop.requested and not done:
                 bar.close()
-                print(
-                    f"stopped by {stop.requested} after step {step + 1}; rerun to resume ({path})"
-                )
+                print(f"stopped by {stop.requested}: {path} holds step {step + 1}; rerun to resume")
                 return model
     print(f"done: {args.steps} steps, final model in {path}")
     return model
@@ -542,7 +542,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
 
 def main(argv=None):
     args = parse_args(argv)
-    with StopRequest() as stop:  # SIGINT/SIGTERM/SIGHUP: finish the step, save a checkpoint
+    with StopRequest(args.out_dir) as stop:  # SIGINT/TERM/HUP: finish the step and save
         train(args, stop)
 
 

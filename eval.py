@@ -17,14 +17,19 @@ subject.
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+
+if __name__ == "__main__":  # Ctrl-C while the libraries import: exit quietly, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 import aent
+import plumbing
 
 BENCHMARKS = aent.HUB_DATASETS  # gsm8k, math500, math: loaded with split="test"
 PROTOCOLS = {
@@ -167,21 +172,14 @@ def breakdown(problems, verdicts, key) -> dict:
     return {k: score(groups[k]) for k in sorted(groups)}
 
 
-def write_atomic(path: str, text: str):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None):
     from tqdm import tqdm
 
     args = parse_args(argv)
     names = benchmark_list(args.benchmarks)
+    plumbing.claim_out_dir(args.out_dir)  # a bad --out-dir fails now, not after generating
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     benches = {b: aent.load_problems(b, split="test")[: args.limit] for b in names}
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        sys.exit(f"error: --out-dir {args.out_dir} is a file, not a directory")
     model, tokenizer = aent.load_model(
         args.model, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
     )
@@ -191,7 +189,7 @@ def main(argv=None):
         for name, problems in benches.items()
     }
     for name, prompts in prompts_of.items():
-        longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids)
+        longest = max(plumbing.prompt_lengths(tokenizer, prompts, context)) if context else 0
         if context and longest + args.max_new_tokens > context:
             sys.exit(
                 f"error: {name}: the longest prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context}"
@@ -252,12 +250,11 @@ def main(argv=None):
                 }
             )
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    write_atomic(
+    plumbing.write_atomic(
         os.path.join(args.out_dir, "predictions.jsonl"),
         "".join(json.dumps(r) + "\n" for r in predictions),
     )
-    write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
+    plumbing.write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
     print_table(summary)
     print(f"wrote {args.out_dir}/summary.json and {args.out_dir}/predictions.jsonl")
     return summary

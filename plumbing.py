@@ -2,13 +2,16 @@
 the run directory (resumable atomic checkpoints, logs, the same-run check), signals, and the
 tiny model of the offline CPU demo."""
 
+import atexit
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import shutil
 import signal
 import string
+import struct
 import sys
 from typing import Optional
 
@@ -187,14 +190,66 @@ def read_problems(dataset: str, split: str, hub: dict) -> list[dict]:
     return problems
 
 
-def check_model_path(name: str):
-    """A local model directory must exist and hold a tokenizer."""
+def saved_model_problem(path: str) -> Optional[str]:
+    """What keeps `from_pretrained` from loading directory `path` (None if nothing visible):
+    a missing or damaged config.json, no tokenizer, no weights, or a truncated .safetensors."""
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            json.load(f)
+    except OSError:
+        return "it has no config.json"
+    except ValueError:
+        return "its config.json is damaged"
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any(os.path.exists(os.path.join(path, f)) for f in tokenizer_files):
+        return "it has no tokenizer (tokenizer.json); save one beside the model"
+    names = os.listdir(path)
+    shards = [n for n in names if n.endswith(".safetensors")]
+    if not shards and not any(n.endswith(".bin") for n in names):
+        return "it has no weights (model.safetensors)"
+    for name in shards:
+        if not safetensors_complete(os.path.join(path, name)):
+            return f"its {name} is truncated or damaged"
+    return None
+
+
+def safetensors_complete(path: str) -> bool:
+    """A .safetensors file is an 8-byte header length, a JSON header giving each tensor's byte
+    range, then the data: complete when the file ends where the last range does."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0) == size
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return False
+
+
+def check_model_path(name: str):
+    """A local model directory must exist and hold a config, a tokenizer and complete weights."""
     if os.path.isdir(name):
-        if not any(os.path.exists(os.path.join(name, f)) for f in tokenizer_files):
-            sys.exit(f"error: {name} has no tokenizer (tokenizer.json); save one beside the model")
+        problem = saved_model_problem(name)
+        if problem:
+            sys.exit(f"error: cannot load model directory {name}: {problem}")
     elif name.startswith((".", "/", "~")) or os.path.exists(name):
         sys.exit(f"error: model directory {name} does not exist")
+
+
+def prompt_lengths(tokenizer, prompts: list[str], limit: int) -> list[int]:
+    """Token counts of prompts. A token spells at most `longest` characters, so a prompt of more
+    than limit * longest characters is over the limit untokenized (counted as limit + 1): a
+    50 MB line is refused at once instead of after minutes and gigabytes of tokenizing."""
+    longest = max(map(len, tokenizer.get_vocab()))
+    short = [i for i, p in enumerate(prompts) if len(p) <= limit * longest]
+    counted = tokenizer([prompts[i] for i in short], add_special_tokens=False).input_ids
+    lengths = [limit + 1] * len(prompts)
+    for i, ids in zip(short, counted):
+        lengths[i] = len(ids)
+    return lengths
 
 
 def check_prompt_lengths(lengths: list[int], context: Optional[int], args) -> list[int]:
@@ -240,11 +295,49 @@ def step_batch(n_problems: int, prompts_per_step: int, step: int, seed: int) -> 
     return out
 
 
+_claimed = {}  # real path of an out_dir -> (its locked .lock file, whether this created it)
+
+
+def claim_out_dir(out_dir: str):
+    """Create out_dir if needed (an error line if it cannot be written) and lock it for this
+    process, so that a second run on it stops at once instead of interleaving its steps. The
+    lock goes with the process, however it ends; a directory this left empty is removed."""
+    real = os.path.realpath(out_dir)
+    if real in _claimed:
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        sys.exit(f"error: --out-dir {out_dir} is a file, not a directory")
+    created = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.read(fd, 16).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        sys.exit(f"error: another run (pid {pid}) is using --out-dir {out_dir}; wait for it to end")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _claimed[real] = (fd, created)
+    atexit.register(release_out_dir, out_dir)
+
+
+def release_out_dir(out_dir: str):
+    """Unlock out_dir; remove it if this process created it and wrote nothing there."""
+    fd, created = _claimed.pop(os.path.realpath(out_dir), (None, False))
+    if fd is None:
+        return
+    if created and set(os.listdir(out_dir)) <= {".lock"}:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    os.close(fd)
+
+
 def check_same_run(args):
     """An out_dir holds one run: resuming needs the same settings, bar the RESUMABLE ones."""
     out = args.out_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        sys.exit(f"error: --out-dir {out} is a file, not a directory")
     path = os.path.join(out, "args.json")
     if not os.path.isfile(path):
         if os.path.isdir(out) and any(
@@ -278,22 +371,46 @@ def load_state(path: str) -> Optional[dict]:
         return None
 
 
-def latest_checkpoint(out_dir: str) -> Optional[str]:
-    """The checkpoint with the most steps in out_dir (step_*/, final/, or final.old/ left by a
-    kill while final/ was replaced) whose trainer state reads back, if any."""
+def checkpoint_problem(path: str) -> Optional[str]:
+    """What keeps a checkpoint directory from being resumed (None if nothing visible)."""
+    if load_state(path) is None:
+        return "its trainer_state.pt is missing or damaged"
+    try:  # mmap: only the archive's index is read here
+        torch.load(os.path.join(path, "optimizer.pt"), mmap=True, weights_only=True)
+    except Exception:
+        return "its optimizer.pt is missing or damaged"
+    return saved_model_problem(path)
+
+
+def latest_checkpoint(out_dir: str, report=None) -> Optional[str]:
+    """The intact checkpoint with the most steps in out_dir (step_*/, final/, or final.old/ left
+    by a kill while final/ was replaced), if any. A damaged one is passed over (and reported);
+    if every checkpoint is damaged, that is an error rather than a silent fresh start."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
     names = [
         n for n in names if n.startswith("step_") and "." not in n or n in ("final", "final.old")
     ]
     states = {n: load_state(os.path.join(out_dir, n)) for n in names}
-    steps = {n: s["step"] for n, s in states.items() if s is not None}
-    return os.path.join(out_dir, max(steps, key=steps.get)) if steps else None
+    steps = {n: s["step"] if isinstance(s, dict) else -1 for n, s in states.items()}
+    found, damaged = None, []
+    for name in sorted(names, key=steps.get, reverse=True):
+        problem = checkpoint_problem(os.path.join(out_dir, name))
+        if problem:
+            damaged.append(f"{os.path.join(out_dir, name)} ({problem})")
+        found = found or (None if problem else os.path.join(out_dir, name))
+    if report and damaged and not found:
+        sys.exit(f"error: no checkpoint in {out_dir} can be resumed: {'; '.join(damaged)}")
+    for d in damaged if report else []:
+        report(f"passing over the damaged checkpoint {d}")
+    return found
 
 
 def resume_point(args):
-    """(checkpoint, its trainer state) to resume this run from, or (None, None) for a new run."""
+    """(checkpoint, its trainer state) to resume this run from, or (None, None) for a new run.
+    Locks out_dir for this process first."""
+    claim_out_dir(args.out_dir)
     check_same_run(args)
-    path = latest_checkpoint(args.out_dir)
+    path = latest_checkpoint(args.out_dir, report=print)
     return (path, load_state(path)) if path else (None, None)
 
 
@@ -303,6 +420,7 @@ def restore(path: str, state: dict, optimizer):
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"])
+    print(f"resuming from {path} (step {state['step']})")
     return state["step"], state["coef"], state["bad_streak"]
 
 
@@ -317,20 +435,21 @@ def write_atomic(path: str, text: str):
 
 def start_logs(args, step: int):
     """Write args.json and cut the logs back to `step`: a resumed run logs each step once."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    for name in os.listdir(args.out_dir):  # left by a run killed mid-write
-        path = os.path.join(args.out_dir, name)
-        if name.endswith(".tmp"):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    write_atomic(
-        os.path.join(args.out_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=1)
-    )
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = os.path.join(args.out_dir, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                kept = [line for line in f if logged_step(line) <= step]
-            write_atomic(path, "".join(kept))
+    try:
+        for name in os.listdir(args.out_dir):  # left by a run killed mid-write
+            path = os.path.join(args.out_dir, name)
+            if name.endswith(".tmp"):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        settings = json.dumps(dataclasses.asdict(args), indent=1)
+        write_atomic(os.path.join(args.out_dir, "args.json"), settings)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = os.path.join(args.out_dir, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    kept = [line for line in f if logged_step(line) <= step]
+                write_atomic(path, "".join(kept))
+    except OSError as e:
+        sys.exit(f"error: cannot write to {args.out_dir}: {e.strerror}; nothing was trained")
 
 
 def logged_step(line: str) -> float:
@@ -343,8 +462,7 @@ def logged_step(line: str) -> float:
 def log_step(args, metrics: dict, completions, prompts, golds, rewards, write=print):
     """Append a step to metrics.jsonl and print a line about it. On the first and last step and
     every --sample-every steps, the first completion of 3 groups goes to samples.jsonl."""
-    with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    append(args.out_dir, "metrics.jsonl", [json.dumps(metrics) + "\n"])
     m, G = metrics, args.group_size
     write(
         f"step {m['step']:>4} | reward {m['reward']:.3f} | H~ {m['entropy_clamped']:.3f} "
@@ -360,10 +478,19 @@ def log_step(args, metrics: dict, completions, prompts, golds, rewards, write=pr
          "reward": float(rewards[j])}
         for j in range(0, min(len(completions), 3 * G), G)
     ]  # fmt: skip
-    with open(os.path.join(args.out_dir, "samples.jsonl"), "a") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
+    append(args.out_dir, "samples.jsonl", [json.dumps(s) + "\n" for s in samples])
     for s in samples[:2]:
         write(f"  sample (reward {s['reward']:.0f}, gold {s['gold']}): {s['completion'][:200]!r}")
+
+
+def append(out_dir: str, name: str, lines: list[str]):
+    """Append lines to a log; a full disk or lost permission ends the run with one line (a
+    line cut short is dropped on resume)."""
+    try:
+        with open(os.path.join(out_dir, name), "a", encoding="utf-8") as f:
+            f.writelines(lines)
+    except OSError as e:
+        sys.exit(f"error: cannot write {name}: {e.strerror}; {last_checkpoint_note(out_dir)}")
 
 
 def stop_if_diverged(bad_streak: int, args):
@@ -387,16 +514,25 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
     name = "final" if final else f"step_{state['step']:06d}"
     path = os.path.join(args.out_dir, name)
     tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    rng = {"torch": torch.get_rng_state(), "cuda": cuda}
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save({**state, "rng": rng}, os.path.join(tmp, "trainer_state.pt"))
-    for f in os.listdir(tmp):
-        with open(os.path.join(tmp, f), "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        rng = {"torch": torch.get_rng_state(), "cuda": cuda}
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save({**state, "rng": rng}, os.path.join(tmp, "trainer_state.pt"))
+        for f in os.listdir(tmp):
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as e:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
+        full = shutil.disk_usage(args.out_dir).free < 2**20
+        reason = "the disk is full" if full else getattr(e, "strerror", None) or str(e)[:120]
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(
+            f"error: cannot write {path}: {reason}; nothing else was changed "
+            f"({last_checkpoint_note(args.out_dir)}); rerun to resume from it once there is room"
+        )
     if os.path.isdir(path):  # replace final/ without a moment where no complete copy exists
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -417,11 +553,15 @@ def last_checkpoint_note(out_dir: str) -> str:
 # Signals
 # ----------------------------------------------------------------------------------------------
 class StopRequest:
-    """Inside `with StopRequest() as stop:`, SIGINT, SIGTERM and SIGHUP set stop.requested: the
-    training loop finishes its step, writes a checkpoint and returns. A second Ctrl-C stops at
-    once, leaving the checkpoints as they were."""
+    """Inside `with StopRequest(out_dir) as stop:`, SIGINT, SIGTERM and SIGHUP set
+    stop.requested: the training loop finishes its step, writes a checkpoint and returns. A
+    second Ctrl-C stops at once, leaving the checkpoints as they were. Leaving the block
+    releases the lock on out_dir that `resume_point` took."""
 
     requested = None
+
+    def __init__(self, out_dir: Optional[str] = None):
+        self.out_dir = out_dir
 
     def __enter__(self):
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # an ignored one (nohup) stays so
@@ -434,8 +574,11 @@ class StopRequest:
     def __exit__(self, kind, value, traceback):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self.out_dir:
+            release_out_dir(self.out_dir)
         if kind is KeyboardInterrupt:
-            sys.exit("interrupted; checkpoints written before are intact")
+            note = last_checkpoint_note(self.out_dir) if self.out_dir else "nothing was saved"
+            sys.exit(f"interrupted ({note})")
 
     def handle(self, signum, frame):
         self.requested = signal.Signals(signum).name

@@ -1,9 +1,11 @@
 """The specification of aent.py, as tests. CPU only, offline: every model and data file is built here."""
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -1140,7 +1142,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero(tmp_path):
     code, stdout, stderr = sigterm_once_a_step_is_logged(out, steps=200)
     assert code == 0, stderr[-2000:]
     last = stdout.strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGTERM after step") and "resume" in last
+    assert last.startswith("stopped by SIGTERM: ") and "rerun to resume" in last
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert (
         torch.load(
@@ -1372,6 +1374,192 @@ def test_a_signal_during_the_last_step_still_writes_final(tmp_path, monkeypatch,
 # ----------------------------------------------------------------------------------------------
 # bench.py runs end to end (a miniature preset; the real figures come from `python bench.py`)
 # ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# A hostile world: a second run, damaged checkpoints, a full disk, unwritable directories
+# ----------------------------------------------------------------------------------------------
+def tiny_args(out, *flags):
+    return aent.parse_args(["--model", "tiny", "--out-dir", str(out), *flags])
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_holds_it(tmp_path):
+    out = tmp_path / "run"
+    hold = "import plumbing, sys, time; plumbing.claim_out_dir(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = run_aent("--model", "tiny", "--steps", "1", "--out-dir", str(out))
+        assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+            f"error: another run (pid {holder.pid}) is using --out-dir {out}; wait for it to end"
+        ]
+        assert os.listdir(out) == [".lock"]  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    res = run_aent("--model", "tiny", "--steps", "1", "--out-dir", str(out))  # the lock died too
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    """A finished 3-step tiny run with step_000001/, step_000002/ and final/ (step 3)."""
+    out = tmp_path_factory.mktemp("three") / "run"
+    aent.train(tiny_args(out, "--steps", "3", "--save-every", "1", "--keep-last", "3"))
+    return out
+
+
+def truncate(path, keep):
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep))
+
+
+DAMAGE = {
+    "empty trainer_state.pt": lambda d: truncate(d / "trainer_state.pt", 0),
+    "truncated trainer_state.pt": lambda d: truncate(d / "trainer_state.pt", 0.5),
+    "truncated optimizer.pt": lambda d: truncate(d / "optimizer.pt", 0.9),
+    "missing optimizer.pt": lambda d: os.remove(d / "optimizer.pt"),
+    "truncated model.safetensors": lambda d: truncate(d / "model.safetensors", 0.99),
+    "missing model.safetensors": lambda d: os.remove(d / "model.safetensors"),
+    "missing config.json": lambda d: os.remove(d / "config.json"),
+    "damaged config.json": lambda d: truncate(d / "config.json", 0.5),
+    "missing tokenizer": lambda d: [os.remove(d / f) for f in os.listdir(d) if "token" in f],
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_passed_over_for_the_previous_intact_one(
+    tmp_path, three_steps, damage, capsys
+):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    shutil.copytree(three_steps, out)
+    want = {k: v.clone() for k, v in load_file(out / "final" / "model.safetensors").items()}
+    DAMAGE[damage](out / "final")
+    aent.train(tiny_args(out, "--steps", "3", "--save-every", "1", "--keep-last", "3"))
+    printed = capsys.readouterr().out
+    assert f"passing over the damaged checkpoint {out / 'final'} (it" in printed
+    assert f"resuming from {out / 'step_000002'} (step 2)" in printed
+    got = load_file(out / "final" / "model.safetensors")  # step 3 redone from step 2
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_is_refused_and_keeps_its_logs(
+    tmp_path, three_steps
+):
+    out = tmp_path / "run"
+    shutil.copytree(three_steps, out)
+    for name in ("step_000001", "step_000002", "final"):
+        truncate(out / name / "optimizer.pt", 0.5)
+    logs = (out / "metrics.jsonl").read_text()
+    message = one_line_exit(aent.main, ["--model", "tiny", "--steps", "3", "--save-every", "1",
+                                        "--keep-last", "3", "--out-dir", str(out)])  # fmt: skip
+    assert message.startswith(f"error: no checkpoint in {out} can be resumed: ")
+    assert "step_000001 (its optimizer.pt is missing or damaged)" in message
+    assert (out / "metrics.jsonl").read_text() == logs
+
+
+def test_a_damaged_model_directory_is_one_line_error(tmp_path, tiny_dir):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    truncate(model / "model.safetensors", 0.7)
+    flags = ["--model", str(model), "--dataset", "toy", "--out-dir", str(tmp_path / "o")]
+    message = one_line_exit(aent.main, flags)
+    assert (
+        message
+        == f"error: cannot load model directory {model}: its model.safetensors is truncated or damaged"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_while_saving_is_one_line_that_names_the_kept_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    aent.train(tiny_args(out, "--steps", "2", "--save-every", "1"))
+    real_save = torch.save
+
+    def full(obj, path, *a, **kw):
+        if "step_000003.tmp" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full)
+    args = tiny_args(out, "--steps", "4", "--save-every", "1")
+    message = one_line_exit(lambda _: aent.train(args), None)
+    assert message.startswith(f"error: cannot write {out / 'step_000003'}: ")
+    assert f"the last checkpoint is {out / 'final'}" in message  # step 2 of the first run
+    assert not (out / "step_000003.tmp").exists() and not (out / "step_000003").exists()
+    assert plumbing.latest_checkpoint(str(out)) == str(out / "final")
+
+
+def test_a_really_full_disk_stops_in_one_line_and_the_run_resumes_once_there_is_room(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a 4 MB tmpfs here (needs root)")
+    try:
+        out = small / "run"  # a tiny checkpoint is about 1.6 MB: the third does not fit
+        flags = ("--model", "tiny", "--steps", "5", "--save-every", "1", "--out-dir", str(out))
+        res = run_aent(*flags)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1, res.stderr[-2000:]
+        assert lines[0].startswith(f"error: cannot write {out / 'step_000003'}: the disk is full")
+        assert f"the last checkpoint is {out / 'step_000002'}" in lines[0]
+        assert sorted(os.listdir(out)) == [".lock", "args.json", "metrics.jsonl",
+                                           "samples.jsonl", "step_000001", "step_000002"]  # fmt: skip
+        shutil.rmtree(out / "step_000001")  # room for a second checkpoint beside step_000002
+        res = run_aent(*flags, "--keep-last", "1")  # and a run of one needs no more than that
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_an_unwritable_out_dir_is_refused_before_anything_loads(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = str(tmp_path / "file" / "run")
+    message = one_line_exit(aent.main, ["--model", "nobody/no-such-model", "--out-dir", out])
+    assert message == f"error: cannot write to --out-dir {out}: Not a directory"
+    cmd = [sys.executable, "eval.py", "--model", "nobody/no-such-model", "--out-dir", out]
+    res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [message]
+
+
+def test_a_huge_prompt_is_measured_as_too_long_without_being_tokenized(tiny):
+    _, tokenizer = tiny
+    prompts = ["Question: Repeat 7\nAnswer:", "Repeat " * 2_000_000, "a b " * 20]
+    t0 = time.time()
+    lengths = plumbing.prompt_lengths(tokenizer, prompts, limit=64)
+    assert time.time() - t0 < 2
+    exact = [len(ids) for ids in tokenizer(prompts[::2], add_special_tokens=False).input_ids]
+    assert lengths == [exact[0], 65, exact[1]] and exact[1] > 64  # over, but counted exactly
+
+
+def test_an_interrupt_reports_whether_a_checkpoint_exists(tmp_path, three_steps):
+    for out, note in [(tmp_path, "no checkpoint was written"),
+                      (three_steps, f"the last checkpoint is {three_steps / 'final'}")]:  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            with plumbing.StopRequest(str(out)):
+                raise KeyboardInterrupt
+        assert stop.value.code == f"interrupted ({note})"
+
+
+def test_ctrl_c_while_the_libraries_import_exits_without_a_traceback():
+    proc = subprocess.Popen(
+        [sys.executable, "aent.py", "--help"], cwd=HERE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the imports finished before the signal")
+    assert proc.returncode == -signal.SIGINT and "Traceback" not in stderr
+
+
 MINI = dict(
     hidden=16,
     layers=1,
