@@ -73,7 +73,7 @@ def check_args(args):
         ("top_k", a.top_k is None or a.top_k >= 1, "at least 1"),
         ("temperature", a.temperature > 0, "positive for sampling"),
         ("top_p", 0 < a.top_p <= 1, "in (0, 1]"),
-        ("lr", a.lr > 0, "positive"),
+        ("lr", 0 < a.lr <= 1, "in (0, 1]"),
         ("weight_decay", a.weight_decay >= 0, "at least 0"),
         ("max_grad_norm", a.max_grad_norm > 0, "positive"),
         ("clip_low", 0 <= a.clip_low < 1, "in [0, 1)"),
@@ -507,7 +507,10 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
     trainer_state.pt (with the RNG state). Written to NAME.tmp/, synced, and renamed, so a
     checkpoint is complete or absent; older step checkpoints beyond --keep-last are deleted."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise RuntimeError("refusing to write non-finite weights")
+        sys.exit(
+            f"error: the weights are no longer finite after step {state['step']} (is --lr too "
+            f"large?); nothing was saved ({last_checkpoint_note(args.out_dir)})"
+        )
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # the step bar is progress enough

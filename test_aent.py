@@ -644,7 +644,8 @@ def one_line_exit(fn, argv) -> str:
         (["--dataset", "nope.txt"], "unknown dataset"),
         (["--top-p", "0"], "top-p"),
         (["--lr", "nan"], "--lr must be a finite number"),
-        (["--lr", "-1"], "--lr must be positive"),
+        (["--lr", "-1"], "--lr must be in (0, 1]"),
+        (["--lr", "1e39"], "--lr must be in (0, 1]"),
         (["--temperature", "nan"], "--temperature"),
         (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
         (["--max-grad-norm", "-1"], "--max-grad-norm must be positive"),
@@ -1526,6 +1527,22 @@ def test_an_unwritable_out_dir_is_refused_before_anything_loads(tmp_path):
     cmd = [sys.executable, "eval.py", "--model", "nobody/no-such-model", "--out-dir", out]
     res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [message]
+
+
+def test_weights_made_non_finite_by_an_update_are_one_line_and_never_saved(tmp_path, monkeypatch):
+    real = aent.policy_update
+
+    def overflowing(model, *a, **kw):  # an update that ends with an infinite weight
+        out = real(model, *a, **kw)
+        with torch.no_grad():
+            next(model.parameters())[0, 0] = math.inf
+        return out
+
+    monkeypatch.setattr(aent, "policy_update", overflowing)
+    out = tmp_path / "run"
+    message = one_line_exit(lambda _: aent.train(tiny_args(out, "--save-every", "1")), None)
+    assert message.startswith("error: the weights are no longer finite after step 1")
+    assert "no checkpoint was written" in message and not plumbing.latest_checkpoint(str(out))
 
 
 def test_a_huge_prompt_is_measured_as_too_long_without_being_tokenized(tiny):
