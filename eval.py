@@ -30,6 +30,7 @@ import torch
 
 import aent
 import plumbing
+from grader import find_answer
 
 BENCHMARKS = aent.HUB_DATASETS  # gsm8k, math500, math: loaded with split="test"
 PROTOCOLS = {
@@ -226,8 +227,13 @@ def main(argv=None):
         pairs = [(c, p["gold"]) for cs, p in zip(completions, problems) for c in cs]
         flat = grade_all(pairs, args.grade_workers)
         verdicts = [flat[i * args.samples : (i + 1) * args.samples] for i in range(len(problems))]
+        found = [find_answer(c)[1] for cs in completions for c in cs]  # where each answer was
         result = {
             **score(verdicts),
+            "completions": len(found),
+            "no_answer": found.count(None),  # nothing to grade: scored 0
+            "unboxed": len(found) - found.count(None) - found.count("boxed"),
+            "unboxed_correct": sum(v for v, f in zip(flat, found) if f not in (None, "boxed")),
             "generation_s": round(gen_time, 2),
             "problems_per_s": round(len(problems) / gen_time, 3),
             "grading_s": round(time.time() - t0 - gen_time, 2),
@@ -244,7 +250,8 @@ def main(argv=None):
                     **{k: p[k] for k in ("level", "subject") if k in p},
                     "prompt": prompt,
                     "completions": cs,
-                    "answers": [aent.extract_answer(c) for c in cs],
+                    "answers": [find_answer(c)[0] for c in cs],
+                    "answer_from": [find_answer(c)[1] for c in cs],
                     "gold": p["gold"],
                     "verdicts": vs,
                 }
@@ -261,16 +268,22 @@ def main(argv=None):
 
 
 def print_table(summary):
-    rows = [("benchmark", "n", "pass@1", "pass@n", "problems/s")]
+    head = ("benchmark", "n", "pass@1", "pass@n", "problems/s", "no answer", "unboxed (correct)")
+    rows = [head]
     for name, r in summary["benchmarks"].items():
         pass_n = next(
             (f"{v:.3f}" for k, v in r.items() if k.startswith("pass@") and k != "pass@1"), "-"
         )
-        rows.append((name, str(r["n"]), f"{r['pass@1']:.3f}", pass_n, f"{r['problems_per_s']:.2f}"))
+        speed = f"{r['problems_per_s']:.2f}"
+        found = (
+            f"{r['no_answer']}/{r['completions']}",
+            f"{r['unboxed']} ({r['unboxed_correct']:.0f})",
+        )
+        rows.append((name, str(r["n"]), f"{r['pass@1']:.3f}", pass_n, speed, *found))
         for key in ("by_level", "by_subject"):
             for group, s in r.get(key, {}).items():
-                rows.append((f"  {group}", str(s["n"]), f"{s['pass@1']:.3f}", "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+                rows.append((f"  {group}", str(s["n"]), f"{s['pass@1']:.3f}", "", "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
         print(
             "  ".join(

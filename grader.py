@@ -1,13 +1,22 @@
 """The reward: a completion's final answer, graded against the gold answer by math-verify.
 
-Training (`aent.py`) and evaluation (`eval.py`) use these same two functions.
+Training (`aent.py`) and evaluation (`eval.py`) use these same functions.
 
     extract_answer("so \\boxed{\\frac{1}{2}}.") -> "\\frac{1}{2}"
     grade("so \\boxed{0.5}", "\\frac12")      -> 1.0
+
+The answer is the last \\boxed{}; without one, the last final-answer statement ("the answer is
+$x$.", "Final Answer: x"); without one, the last number. Before math-verify compares it with
+the gold, the model's answer loses trailing unit words ("42 inches", "\\text{ cm}^2") and a
+choice letter's text ("(C) Plane"); both sides get ° as ^\\circ, "4.5e33" as 4.5 \\times 10^{33}
+and redundant nested parentheses dropped. Two plain numbers (integers, decimals, fractions,
+scientific notation) are compared exactly, as rationals: math-verify rounds floats to 6
+decimals, which would equate 2.88e-18 and 2.88e-19.
 """
 
 import re
 import threading
+from fractions import Fraction
 from typing import Optional
 
 NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+/\d+|-?\d+(?:\.\d+)?|-?\.\d+")
@@ -30,17 +39,131 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-def extract_answer(text: str) -> Optional[str]:
-    """The final answer: the last \\boxed{...}, else the last number. 'so 3/4, i.e. 0.75' -> '0.75'.
+# "the answer is", "The final answer is", "Final Answer:", "**Answer:**", "answer to the problem is"
+STATEMENT = re.compile(
+    r"\banswer(?:\s+to\s+(?:the|this)\s+(?:question|problem))?\s*(?:is\b|:|=)[\s:*]*", re.I
+)
+NOT_AN_ANSWER = re.compile(r"(?i)(?:correct|incorrect|right|wrong|not|indeed|as|that|the same)\b")
+DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+
+
+def stated_answer(text: str) -> Optional[str]:
+    """The answer of the last final-answer statement: 'Thus the answer is $\\frac{3}{56}$.' ->
+    '\\frac{3}{56}'; 'The answer is 18. Next, 5 ...' -> '18'. None if there is no statement."""
+    for match in reversed(list(STATEMENT.finditer(text))):
+        rest = text[match.end() :]
+        for open_, close in DELIMITERS:
+            if rest.startswith(open_):
+                end = rest.find(close, len(open_))
+                answer = rest[len(open_) : end] if end > 0 else None
+                break
+        else:  # plain text: up to the end of the line or of the sentence
+            answer = re.split(r"\n|\.(?:\s|$)|,\s+(?:since|because|which|so|as)\b", rest)[0]
+            answer = re.sub(
+                r"(?i)^\W*(?:approximately|about|roughly|exactly|simply)\s+", "", answer
+            )
+            mathy = re.match(r"[-+\d.\\(\[{]", answer.strip(" *"))
+            if NOT_AN_ANSWER.match(answer) or not mathy and len(answer.split()) > 4:
+                continue  # 'the answer is correct', 'the answer is the number of ways to ...'
+        answer = (answer or "").strip().strip("*").strip()
+        if answer:
+            return answer
+    return None
+
+
+def find_answer(text: str) -> tuple[Optional[str], Optional[str]]:
+    """(answer, where it came from: 'boxed', 'statement' or 'number'), or (None, None).
 
     A completion whose last box is unclosed (cut off mid-answer) has no answer.
     """
     if "\\boxed{" in text or "\\fbox{" in text:
-        return last_boxed(text)
+        answer = last_boxed(text)
+        return (answer, "boxed") if answer is not None else (None, None)
+    answer = stated_answer(text)
+    if answer is not None:
+        return answer, "statement"
     numbers = NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+    return (numbers[-1], "number") if numbers else (None, None)
 
 
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer: the last \\boxed{...}, else the last final-answer statement, else the
+    last number. 'so 3/4, i.e. 0.75' -> '0.75'; 'The answer is $7$. Check: 3 + 4' -> '7'."""
+    return find_answer(text)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation: forms math-verify does not know, each rewritten to one it does
+# ----------------------------------------------------------------------------------------------
+TEXT = r"\\(?:text|textbf|mbox|mathrm)\s*"
+MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "inf", "infty", "and", "or"}
+UNIT_TAIL = re.compile(  # words after a digit or a closing bracket, to the end: '5\text{ cm}^2'
+    rf"(?<=[\d)\]}}])\s*(?:{TEXT}\{{)?\s*((?:[A-Za-z]{{2,}}\.?[\s/]*)+)\}}?"
+    r"\s*(?:\^\{?[23]\}?)?\s*$"
+)
+SCIENTIFIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:[eE]\s*|(?:\\times|\\cdot|x|×)\s*10\^)"
+                        r"\{?([-+]?\d+)\}?(?![\w.])")  # fmt: skip
+
+
+def both_sides(s: str) -> str:
+    """Rewrites safe on gold and answer alike: degrees, scientific notation, nested brackets."""
+    s = s.replace("°", "^\\circ").replace("\\degree", "^\\circ").replace("−", "-")
+    s = SCIENTIFIC.sub(r"\1\\times 10^{\2}", s)
+    return drop_nested_parentheses(s)
+
+
+def drop_nested_parentheses(s: str) -> str:
+    """'((((5))))' -> '(5)': a pair that only wraps another pair is dropped (math-verify takes
+    seconds per level of nesting)."""
+    pairs, stack = {}, []
+    for i, c in enumerate(s):
+        if c == "(":
+            stack.append(i)
+        elif c == ")" and stack:
+            pairs[stack.pop()] = i
+    drop = {k for i, j in pairs.items() if pairs.get(i + 1) == j - 1 for k in (i, j)}
+    return "".join(c for i, c in enumerate(s) if i not in drop)
+
+
+def answer_only(answer: str) -> str:
+    """Rewrites for the model's answer alone: '\\text{42 inches}' -> '42', '18 dollars' -> '18',
+    '5\\text{ cm}^2' -> '5'. Never applied to the gold, where a letter may be the answer."""
+    whole = re.fullmatch(rf"{TEXT}\{{\s*([\d(].*)\}}", answer.strip())
+    if whole:  # \text{42 inches}, \text{(C) Plane}
+        answer = whole.group(1)
+    tail = UNIT_TAIL.search(answer)
+    if tail and not set(tail.group(1).lower().replace(".", " ").split()) & MATH_WORDS:
+        answer = answer[: tail.start()]
+    return answer.strip()
+
+
+def choice_letter(s: str, exact: bool) -> Optional[str]:
+    """'(C)', '\\text{(C)}' -> 'C'; with exact=False also '(C) Plane', 'C. Plane', 'C'."""
+    s = re.sub(rf"{TEXT}\{{(.*)\}}", r"\1", s.strip()).strip()
+    pattern = r"\(([A-Z])\)" if exact else r"\(?([A-Z])\)?(?:[\s.:]|$)"
+    m = re.fullmatch(pattern, s) if exact else re.match(pattern, s)
+    return m.group(1) if m else None
+
+
+def plain_number(s: str) -> Optional[Fraction]:
+    """An integer, decimal, fraction (a/b, \\frac{a}{b}) or m \\times 10^{e} as an exact
+    rational; None for anything else. '12,345' -> 12345 (but '2,3' is a list: None)."""
+    s = re.sub(r"\s+|\\[,!;]", "", s)
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
+        s = s.replace(",", "")
+    m = re.fullmatch(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}|(-?)(\d+)/(\d+)", s)
+    if m:
+        sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.group(2) else m.groups()[3:]
+        return None if int(den) == 0 else Fraction(int(num), int(den)) * (-1 if sign else 1)
+    m = re.fullmatch(r"(-?(?:\d+(?:\.\d*)?|\.\d+))(?:\\times10\^\{?([-+]?\d{1,4})\}?)?", s)
+    if not m:
+        return None
+    return Fraction(m.group(1)) * Fraction(10) ** int(m.group(2) or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grading
+# ----------------------------------------------------------------------------------------------
 _PARSED = {}  # answer -> math-verify's parse of it
 
 
@@ -60,7 +183,7 @@ def _parse(answer: str, timeout):
 
 
 def grade(completion: str, gold: str) -> float:
-    """1.0 if the completion's final answer equals gold mathematically (math-verify), else 0.0.
+    """1.0 if the completion's final answer equals gold mathematically, else 0.0.
 
     Any failure to parse or verify, or a timeout (5 s, signal-based: main thread only), scores 0.
     """
@@ -69,6 +192,13 @@ def grade(completion: str, gold: str) -> float:
     answer = extract_answer(completion)
     if answer is None:
         return 0.0
+    gold, answer = both_sides(gold), both_sides(answer_only(answer))
+    letter = choice_letter(gold, exact=True)
+    if letter and choice_letter(answer, exact=False):  # a multiple-choice question
+        return float(choice_letter(answer, exact=False) == letter)
+    a, g = plain_number(answer), plain_number(gold)
+    if a is not None and g is not None:
+        return float(a == g)
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
         return float(

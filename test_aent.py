@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -855,6 +856,108 @@ def test_grader_on_equivalent_forms_and_near_misses(completion, gold, verdict):
     assert aent.grade(completion, gold) == verdict
 
 
+# Each class of answer the grader once got wrong, written as models write it: the right value
+# in the new form scores 1, a wrong value in the same form scores 0.
+GRADER_CLASSES = {
+    "final-answer statement, no box": [
+        ("Therefore, the answer is ${}$.", "\\frac{3}{56}", "\\frac{3}{55}"),
+        ("The answer is {}. Next we check: 3 + 4 = 7 and 12 - 5 = 7.", "18", "17"),
+        ("Final Answer: The final answer is ${}$. I hope it is correct.", "6", "5"),
+        ("**Answer:** {}\n\nSteps used 3 and 9.", "42", "24"),
+        ("So the answer is: \\(x = {}\\)", "-2", "2"),
+        ("We verify the answer is correct: 5 + 1 = 6.\nThe answer is {}.", "11", "6"),
+    ],
+    "units in the answer": [
+        ("\\boxed{{\\text{{{} inches}}}}", "42", "41"),
+        ("\\boxed{{{}\\text{{ cm}}^2}}", "5", "6"),
+        ("\\boxed{{{} dollars}}", "18", "19"),
+        ("\\boxed{{{} centimeters}}", "12", "21"),
+        ("\\boxed{{{} \\text{{ inches per second}}}}", "10", "100"),
+        ("\\boxed{{{} square units}}", "\\frac{3}{2}", "\\frac{2}{3}"),
+        ("The answer is {} apples.", "18", "81"),
+    ],
+    "degrees": [
+        ("\\boxed{{{}°}}", "30^\\circ", "31^\\circ"),
+        ("\\boxed{{{} degrees}}", "45^\\circ", "54^\\circ"),
+        ("\\boxed{{{}^{{\\circ}}}}", "120", "60"),
+    ],
+    "choice letters": [
+        ("\\boxed{{\\text{{{} Plane}}}}", "\\text{(C)}", "\\text{(D)}"),
+        ("\\boxed{{{}}}", "(B)", "(E)"),
+        ("The answer is {}.", "\\text{(A)}", "\\text{(C)}"),
+    ],
+    "scientific notation": [
+        ("\\boxed{{{} \\times 10^{{33}}}}", "4.5e33", "4.6e33"),
+        ("\\boxed{{{}\\cdot10^{{-18}}}}", "2.88e-18", "2.87e-18"),
+        ("\\boxed{{{} x 10^{{8}}}}", "3.0e8", "3.1e8"),
+    ],
+}
+
+
+def grader_cases():
+    for kind, rows in GRADER_CLASSES.items():
+        for template, right, wrong in rows:
+            letter = re.fullmatch(r"(?:\\text\{)?\(([A-E])\)\}?", right)
+            for value, verdict in ((right, 1), (wrong, 0)):
+                shown = value
+                if letter:  # the model writes the letter the way the template shows it
+                    shown = "(" + re.search(r"\(([A-E])\)", value).group(1) + ")"
+                elif kind == "scientific notation":
+                    shown = value.split("e")[0]
+                elif kind == "degrees":
+                    shown = value.replace("^\\circ", "")
+                yield pytest.param(template.format(shown), right, verdict, id=f"{kind}-{verdict}")
+
+
+@pytest.mark.parametrize("completion, gold, verdict", list(grader_cases()))
+def test_grader_accepts_each_new_form_of_the_right_value_and_rejects_a_wrong_one(
+    completion, gold, verdict
+):
+    assert aent.grade(completion, gold) == verdict
+
+
+@pytest.mark.parametrize(
+    "completion, gold, verdict",
+    [
+        ("\\boxed{2.88 \\times 10^{-18}}", "2.88 \\times 10^{-19}", 0),  # rounding equated these
+        ("\\boxed{2.88 \\times 10^{-19}}", "2.88e-19", 1),
+        ("\\boxed{3e8}", "3 \\times 10^{8}", 1),
+        ("\\boxed{3E+9}", "3 \\times 10^{8}", 0),
+        ("\\boxed{1000001}", "1000000", 0),
+        ("\\boxed{13536}", "13535", 0),
+        ("\\boxed{0.333333}", "\\frac{1}{3}", 0),  # plain numbers compare exactly
+        ("\\boxed{1.50}", "\\frac{3}{2}", 1),
+        ("\\boxed{12,345}", "12345", 1),
+        ("\\boxed{2,3}", "23", 0),  # a list, not a thousands separator
+        ("\\boxed{2 pi}", "2", 0),  # math words are not units
+        ("\\boxed{\\text{(D) Plane}}", "\\text{(C)}", 0),
+        ("the answer is the number of ways to choose them. So we get 10", "10", 1),
+        ("\\boxed{" + "(" * 200 + "5" + ")" * 200 + "}", "5", 1),  # was a 5 s timeout
+        ("\\boxed{" + "(" * 200 + "6" + ")" * 200 + "}", "5", 0),
+    ],
+)
+def test_grader_compares_plain_numbers_exactly_and_stays_strict(completion, gold, verdict):
+    t0 = time.time()
+    assert aent.grade(completion, gold) == verdict
+    assert time.time() - t0 < 2
+
+
+@pytest.mark.parametrize(
+    "text, answer, source",
+    [
+        ("so \\boxed{7} and then 8", "7", "boxed"),
+        ("cut off in \\boxed{12", None, None),
+        ("The answer is $\\frac{1}{2}$. Also 3.", "\\frac{1}{2}", "statement"),
+        ("so the answer is correct, 12", "12", "number"),
+        ("no answer at all", None, None),
+    ],
+)
+def test_find_answer_says_where_the_answer_came_from(text, answer, source):
+    from grader import find_answer
+
+    assert find_answer(text) == (answer, source)
+
+
 def test_pass_at_k_matches_the_combinatorial_definition():
     import eval as ev
 
@@ -953,6 +1056,10 @@ def test_eval_runs_end_to_end_on_a_checkpoint_and_writes_table_summary_and_predi
     assert result["pass@1"] == pytest.approx(sum(sum(p["verdicts"]) for p in preds) / 20)
     assert result["pass@4"] == pytest.approx(sum(any(p["verdicts"]) for p in preds) / 5)
     assert set(result["by_level"]) == {"Level 1", "Level 2"}
+    sources = [s for p in preds for s in p["answer_from"]]
+    assert result["completions"] == 20 and result["no_answer"] == sources.count(None)
+    assert result["unboxed"] == sum(s in ("statement", "number") for s in sources)
+    assert "no answer" in res.stdout and "unboxed (correct)" in res.stdout
 
 
 @pytest.mark.parametrize(
