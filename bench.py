@@ -325,6 +325,53 @@ def spawn(*argv):
     return out
 
 
+PATHOLOGICAL = {  # completion, gold: the slowest inputs the grader has met
+    "200 nested parentheses": ("\\boxed{" + "(" * 200 + "5" + ")" * 200 + "}", "5"),
+    "a tower of exponents": ("\\boxed{10^{10^{10^{10}}}}", "3"),
+    "40 nested fractions": ("\\boxed{" + "\\frac{1}{" * 40 + "2" + "}" * 40 + "}", "1"),
+    "a 300-term polynomial": ("\\boxed{" + "+".join(f"x^{{{i}}}" for i in range(300)) + "}", "x"),
+    "100 kB without a box": ("7 " * 50000, "7"),
+}
+
+
+def bench_grader(data_dir: str) -> dict:
+    """`grade` on every reference solution of MATH-500, GSM8K and Minerva (from data_dir, as
+    completions against their own golds), one process, cache cleared per set; then the
+    pathological inputs one by one. Completions/s, acceptance and the slowest single call."""
+    import grader
+
+    sets = {
+        "math500": ("math500_test.jsonl", lambda r: (r["solution"], r["answer"])),
+        "gsm8k": ("gsm8k_test.jsonl", lambda r: (r["answer"], plumbing.problem_from_row(r)["gold"])),
+        "minerva": ("minerva_math_test.jsonl", lambda r: (r["solution"], grader.last_boxed(r["solution"]))),
+    }  # fmt: skip
+    grader.grade("\\boxed{1}", "1")  # imports math-verify
+    results = {}
+    for name, (file, pair) in sets.items():
+        path = os.path.join(data_dir, file)
+        if not os.path.isfile(path):
+            print(f"  {path} not present: skipped")
+            continue
+        pairs = [pair(json.loads(line)) for line in open(path, encoding="utf-8")]
+        grader._PARSED.clear()
+        times, accepted = [], 0
+        for completion, gold in pairs:
+            t0 = time.perf_counter()
+            accepted += grader.grade(completion, gold)
+            times.append(time.perf_counter() - t0)
+        results[name] = {"n": len(pairs), "accepted": accepted, "per_s": len(pairs) / sum(times),
+                         "slowest_s": max(times)}  # fmt: skip
+        print(f"  {name}: {len(pairs)} references, {accepted:.0f} accepted, "
+              f"{len(pairs) / sum(times):.0f} completions/s, slowest {max(times):.2f} s")  # fmt: skip
+    for name, (completion, gold) in PATHOLOGICAL.items():
+        grader._PARSED.clear()
+        t0 = time.perf_counter()
+        verdict = grader.grade(completion, gold)
+        results[name] = {"verdict": verdict, "seconds": time.perf_counter() - t0}
+        print(f"  {name}: {verdict:.0f} in {results[name]['seconds']:.2f} s")
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -347,11 +394,21 @@ def main(argv=None):
     ap.add_argument(
         "--no-pass", action="store_true", help="skip the log-prob + clamped-entropy pass comparison"
     )
+    ap.add_argument(
+        "--grader",
+        metavar="DATA_DIR",
+        help="instead: grading speed on the reference solutions in DATA_DIR (math500_test.jsonl, "
+        "gsm8k_test.jsonl, minerva_math_test.jsonl) and on pathological answers",
+    )
     ap.add_argument("--out", default="bench.json", help="where to write the results")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         return child(a.child)
+    if a.grader:
+        results = {"grader": bench_grader(a.grader)}
+        plumbing.write_atomic(a.out, json.dumps(results, indent=1))
+        return print(f"wrote {a.out}")
     cuda = torch.cuda.is_available()
     preset = a.preset or ("1.5b" if cuda else "tiny")
     p = dict(PRESETS[preset])
