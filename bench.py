@@ -335,16 +335,23 @@ PATHOLOGICAL = {  # completion, gold: the slowest inputs the grader has met
 
 
 def bench_grader(data_dir: str) -> dict:
-    """`grade` on every reference solution of MATH-500, GSM8K and Minerva (from data_dir, as
-    completions against their own golds), one process, cache cleared per set; then the
+    """`grade` on every reference solution of MATH-500, GSM8K and Minerva (from data_dir) as a
+    completion, against its own gold and against the next problem's (wrong answers, written
+    differently: the path through math-verify), one process, cache cleared per set; then the
     pathological inputs one by one. Completions/s, acceptance and the slowest single call."""
     import grader
 
-    sets = {
-        "math500": ("math500_test.jsonl", lambda r: (r["solution"], r["answer"])),
-        "gsm8k": ("gsm8k_test.jsonl", lambda r: (r["answer"], plumbing.problem_from_row(r)["gold"])),
-        "minerva": ("minerva_math_test.jsonl", lambda r: (r["solution"], grader.last_boxed(r["solution"]))),
-    }  # fmt: skip
+    def math500(r):
+        return r["solution"], r["answer"]
+
+    def gsm8k(r):
+        return r["answer"], plumbing.problem_from_row(r)["gold"]
+
+    def minerva(r):  # no answer field: the gold is the solution's last box
+        return r["solution"], grader.last_boxed(r["solution"])
+
+    sets = {"math500": ("math500_test.jsonl", math500), "gsm8k": ("gsm8k_test.jsonl", gsm8k),
+            "minerva": ("minerva_math_test.jsonl", minerva)}  # fmt: skip
     grader.grade("\\boxed{1}", "1")  # imports math-verify
     results = {}
     for name, (file, pair) in sets.items():
@@ -352,17 +359,20 @@ def bench_grader(data_dir: str) -> dict:
         if not os.path.isfile(path):
             print(f"  {path} not present: skipped")
             continue
-        pairs = [pair(json.loads(line)) for line in open(path, encoding="utf-8")]
-        grader._PARSED.clear()
-        times, accepted = [], 0
-        for completion, gold in pairs:
-            t0 = time.perf_counter()
-            accepted += grader.grade(completion, gold)
-            times.append(time.perf_counter() - t0)
-        results[name] = {"n": len(pairs), "accepted": accepted, "per_s": len(pairs) / sum(times),
-                         "slowest_s": max(times)}  # fmt: skip
-        print(f"  {name}: {len(pairs)} references, {accepted:.0f} accepted, "
-              f"{len(pairs) / sum(times):.0f} completions/s, slowest {max(times):.2f} s")  # fmt: skip
+        own = [pair(json.loads(line)) for line in open(path, encoding="utf-8")]
+        shifted = [(c, g) for (c, _), (_, g) in zip(own, own[1:] + own[:1])]  # mostly wrong
+        for label, pairs in ((name, own), (name + " shifted", shifted)):
+            grader._PARSED.clear()
+            times, accepted = [], 0
+            for completion, gold in pairs:
+                t0 = time.perf_counter()
+                accepted += grader.grade(completion, gold)
+                times.append(time.perf_counter() - t0)
+            rate, slowest = len(pairs) / sum(times), max(times)
+            results[label] = {"n": len(pairs), "accepted": accepted, "per_s": rate,
+                              "slowest_s": slowest}  # fmt: skip
+            print(f"  {label}: {len(pairs)} graded, {accepted:.0f} accepted, "
+                  f"{rate:.0f} completions/s, slowest {slowest:.2f} s")  # fmt: skip
     for name, (completion, gold) in PATHOLOGICAL.items():
         grader._PARSED.clear()
         t0 = time.perf_counter()

@@ -9,9 +9,9 @@ The answer is the last \\boxed{}; without one, the last final-answer statement (
 $x$.", "Final Answer: x"); without one, the last number. Before math-verify compares it with
 the gold, the model's answer loses trailing unit words ("42 inches", "\\text{ cm}^2") and a
 choice letter's text ("(C) Plane"); both sides get ° as ^\\circ, "4.5e33" as 4.5 \\times 10^{33}
-and redundant nested parentheses dropped. Two plain numbers (integers, decimals, fractions,
-scientific notation) are compared exactly, as rationals: math-verify rounds floats to 6
-decimals, which would equate 2.88e-18 and 2.88e-19.
+and redundant nested parentheses and braces dropped. Two plain numbers (integers, decimals,
+fractions, scientific notation) are compared exactly, as rationals: math-verify rounds floats
+to 6 decimals, which would equate 2.88e-18 and 2.88e-19.
 """
 
 import re
@@ -53,16 +53,16 @@ def stated_answer(text: str) -> Optional[str]:
     for match in reversed(list(STATEMENT.finditer(text))):
         rest = text[match.end() :]
         for open_, close in DELIMITERS:
-            if rest.startswith(open_):
-                end = rest.find(close, len(open_))
-                answer = rest[len(open_) : end] if end > 0 else None
+            if rest.startswith(open_):  # up to the closing delimiter; \$ is a dollar sign
+                end = re.search(r"(?<!\\)" + re.escape(close), rest[len(open_) :])
+                answer = rest[len(open_) : len(open_) + end.start()] if end else None
                 break
         else:  # plain text: up to the end of the line or of the sentence
             answer = re.split(r"\n|\.(?:\s|$)|,\s+(?:since|because|which|so|as)\b", rest)[0]
             answer = re.sub(
                 r"(?i)^\W*(?:approximately|about|roughly|exactly|simply)\s+", "", answer
             )
-            mathy = re.match(r"[-+\d.\\(\[{]", answer.strip(" *"))
+            mathy = re.match(r"[-+\d.(\[]", answer.strip(" *")) or re.search(r"[\\^=+/{]", answer)
             if NOT_AN_ANSWER.match(answer) or not mathy and len(answer.split()) > 4:
                 continue  # 'the answer is correct', 'the answer is the number of ways to ...'
         answer = (answer or "").strip().strip("*").strip()
@@ -106,22 +106,39 @@ SCIENTIFIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:[eE]\s*|(?:\\times|\\cd
 
 
 def both_sides(s: str) -> str:
-    """Rewrites safe on gold and answer alike: degrees, scientific notation, nested brackets."""
+    """Rewrites safe on gold and answer alike: bold, LaTeX spacing at the end, degrees,
+    scientific notation, nested brackets."""
+    s = re.sub(r"\\(?:textbf|mathbf|boldsymbol|bm)\s*\{", "{", s)  # \textbf{(C)} -> {(C)}
+    s = re.sub(r"(?:\\[ ,;!]?|\\q?quad|~|\s)+$", "", s)
+    while s.startswith("{") and closing_brace(s, 0) == len(s) - 1:  # {x} -> x
+        s = s[1:-1].strip()
     s = s.replace("°", "^\\circ").replace("\\degree", "^\\circ").replace("−", "-")
     s = SCIENTIFIC.sub(r"\1\\times 10^{\2}", s)
     return drop_nested_parentheses(s)
 
 
+def closing_brace(s: str, i: int) -> int:
+    """Index of the brace that closes the one at s[i] (-1 if none)."""
+    depth = 0
+    for j in range(i, len(s)):
+        depth += {"{": 1, "}": -1}.get(s[j], 0)
+        if depth == 0:
+            return j
+    return -1
+
+
 def drop_nested_parentheses(s: str) -> str:
-    """'((((5))))' -> '(5)': a pair that only wraps another pair is dropped (math-verify takes
-    seconds per level of nesting)."""
-    pairs, stack = {}, []
-    for i, c in enumerate(s):
-        if c == "(":
-            stack.append(i)
-        elif c == ")" and stack:
-            pairs[stack.pop()] = i
-    drop = {k for i, j in pairs.items() if pairs.get(i + 1) == j - 1 for k in (i, j)}
+    """'((((5))))' -> '(5)', '{{{5}}}' -> '{5}': a pair of parentheses or braces that only wraps
+    another pair of the same kind is dropped (math-verify takes seconds per level of nesting)."""
+    drop = set()
+    for open_, close in ("()", "{}"):
+        pairs, stack = {}, []
+        for i, c in enumerate(s):
+            if c == open_:
+                stack.append(i)
+            elif c == close and stack:
+                pairs[stack.pop()] = i
+        drop |= {k for i, j in pairs.items() if pairs.get(i + 1) == j - 1 for k in (i, j)}
     return "".join(c for i, c in enumerate(s) if i not in drop)
 
 
@@ -139,7 +156,7 @@ def answer_only(answer: str) -> str:
 
 def choice_letter(s: str, exact: bool) -> Optional[str]:
     """'(C)', '\\text{(C)}' -> 'C'; with exact=False also '(C) Plane', 'C. Plane', 'C'."""
-    s = re.sub(rf"{TEXT}\{{(.*)\}}", r"\1", s.strip()).strip()
+    s = re.sub(rf"{TEXT}\{{(.*)\}}", r"\1", s.strip()).strip("{} ")
     pattern = r"\(([A-Z])\)" if exact else r"\(?([A-Z])\)?(?:[\s.:]|$)"
     m = re.fullmatch(pattern, s) if exact else re.match(pattern, s)
     return m.group(1) if m else None
@@ -148,7 +165,7 @@ def choice_letter(s: str, exact: bool) -> Optional[str]:
 def plain_number(s: str) -> Optional[Fraction]:
     """An integer, decimal, fraction (a/b, \\frac{a}{b}) or m \\times 10^{e} as an exact
     rational; None for anything else. '12,345' -> 12345 (but '2,3' is a list: None)."""
-    s = re.sub(r"\s+|\\[,!;]", "", s)
+    s = re.sub(r"\s+|\\[,!;]|\\?\$", "", s)  # spacing, dollar signs
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "")
     m = re.fullmatch(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}|(-?)(\d+)/(\d+)", s)
@@ -170,12 +187,18 @@ _PARSED = {}  # answer -> math-verify's parse of it
 def _parse(answer: str, timeout):
     """math-verify's parse, cached; an empty result (a failure or a timeout) is not cached, so a
     gold answer that timed out once on a busy machine is not wrong for the rest of the run."""
-    from math_verify import parse
+    from math_verify import LatexExtractionConfig, parse
 
-    if answer not in _PARSED:
-        parsed = parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+    if answer not in _PARSED:  # LaTeX only: the default also takes a bare number out of a
+        # formula it cannot parse, so '\\omega(v+2/2)' and '\\omega(v+1/2)' both became 2
+        latex = [LatexExtractionConfig()]
+        parsed = parse("\\boxed{" + answer + "}", latex, parsing_timeout=timeout)
         if not parsed:
             return parsed
+        if getattr(parsed[0], "free_symbols", None) == set() and re.search(
+            r"[A-Za-z]_", re.sub(r"\\[A-Za-z]+", "", answer)
+        ):  # subscripted symbols lost: '\\frac{2}{3} E_{1}+\\frac{2}{3} E_{2}' was read as 2/3
+            parsed = []
         if len(_PARSED) >= 65536:
             _PARSED.clear()
         _PARSED[answer] = parsed
@@ -192,7 +215,10 @@ def grade(completion: str, gold: str) -> float:
     answer = extract_answer(completion)
     if answer is None:
         return 0.0
-    gold, answer = both_sides(gold), both_sides(answer_only(answer))
+    gold, answer = both_sides(gold), both_sides(answer)
+    if re.sub(r"\s+", "", answer) == re.sub(r"\s+", "", gold):  # the same text
+        return 1.0
+    answer = answer_only(answer)
     letter = choice_letter(gold, exact=True)
     if letter and choice_letter(answer, exact=False):  # a multiple-choice question
         return float(choice_letter(answer, exact=False) == letter)

@@ -934,6 +934,7 @@ def test_grader_accepts_each_new_form_of_the_right_value_and_rejects_a_wrong_one
         ("the answer is the number of ways to choose them. So we get 10", "10", 1),
         ("\\boxed{" + "(" * 200 + "5" + ")" * 200 + "}", "5", 1),  # was a 5 s timeout
         ("\\boxed{" + "(" * 200 + "6" + ")" * 200 + "}", "5", 0),
+        ("\\boxed{" + "{" * 60 + "84" + "}" * 60 + "}", "84", 1),
     ],
 )
 def test_grader_compares_plain_numbers_exactly_and_stays_strict(completion, gold, verdict):
