@@ -236,10 +236,8 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size=1, batch_size=
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)  # [B, P]
     prompt_attn = enc.attention_mask.repeat_interleave(group_size, 0).to(device)  # [B, P]
-    # generate fills every field left unset (repetition_penalty, min_new_tokens, ...) from
-    # model.generation_config: it is swapped for ours while sampling
-    saved, was_training = model.generation_config, model.training
-    model.generation_config = gen
+    # generate fills unset fields (repetition_penalty, ...) from model.generation_config: swap it
+    saved, was_training, model.generation_config = model.generation_config, model.training, gen
     model.eval()  # gradient checkpointing acts in train mode only: generate keeps its KV cache
     chunks = []
     try:
@@ -255,9 +253,8 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size=1, batch_size=
     completion_ids = torch.cat([F.pad(c, (0, T - c.size(1)), value=pad) for c in chunks])  # [B, T]
     mask = completion_mask(completion_ids, gen.eos_token_id)  # [B, T]
     eos = torch.tensor(gen.eos_token_id, device=device)
-    texts = tokenizer.batch_decode(
-        completion_ids.masked_fill(mask == 0, pad), skip_special_tokens=True
-    )
+    kept = completion_ids.masked_fill(mask == 0, pad)  # [B, T] nothing after the first EOS
+    texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
     return {
         "input_ids": torch.cat([prompt_ids, completion_ids], 1),  # [B, P+T]
         "attention_mask": torch.cat([prompt_attn, mask], 1),  # [B, P+T]
@@ -305,9 +302,9 @@ def head_stats(
 
     hidden [N, D] (the states that predict the tokens), targets [N] -> three [N] tensors.
     entropies="bonus": H~ carries gradient; "log": H~ and H are values only; "skip": log pi(y)
-    alone (entropies 0). H, the full entropy, never carries gradient. `chunk` tokens
-    at a time, each under torch.utils.checkpoint: a chunk's [chunk, V] logits are freed after
-    its forward and recomputed in the backward, so memory stays flat in N.
+    alone (entropies 0). H never carries gradient. `chunk` tokens at a time, each under
+    torch.utils.checkpoint: a chunk's [chunk, V] logits are freed after its forward and
+    recomputed in the backward, so memory stays flat in N.
     """
 
     def stats(h, y):  # h [C, D], y [C]
@@ -392,10 +389,9 @@ UPDATE_STATS = "loss clip_frac dual_clip_frac approx_kl kl entropy_clamped entro
 
 
 def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None, bad_streak=0):
-    """PPO epochs over one step's rollouts: minibatches of whole groups, micro-batches inside,
-    each weighted by its share of tokens so that a minibatch's loss is a token-mean over mask
-    [B, T] (the completion tokens in the loss). An update whose loss or gradient is not finite
-    is skipped. Returns token-means of the loss terms."""
+    """PPO epochs over this rank's rollouts: minibatches of whole groups, micro-batches inside,
+    each weighted by its share of the minibatch's tokens on all ranks (mask [B, T]), so the loss
+    is a token-mean. A non-finite update is skipped. Returns token-means of the loss terms."""
     G, B = args.group_size, mask.size(0)
     n_tokens = mask.sum(1).tolist()  # [B] on the host: no sync per micro-batch
     # --entropy full keeps every token: its "clamped" entropy is the full one
@@ -410,6 +406,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
     # With one update per step the policy is still the rollout policy when the loss is taken,
     # so the old log-probs are the update's own, detached; otherwise they are scored first.
     on_policy = args.ppo_epochs == 1 and args.mini_batch_prompts == args.prompts_per_step
+    mb_rows = args.mini_batch_prompts * B // args.prompts_per_step  # this rank's share (of all B)
     micro = torch.arange(B).split(args.micro_batch_size)
     model.eval()
     old_logp = None if on_policy else torch.cat([stats(model, r, "skip")[0] for r in micro])
@@ -418,10 +415,10 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
 
     logged, updates, skipped = [], 0, 0  # logged: (tokens, stats) per micro-batch
     for _ in range(args.ppo_epochs):
-        order = torch.randperm(args.prompts_per_step)  # shuffle groups, keep each group whole
+        order = torch.randperm(B // G)  # shuffle groups, keep each group whole
         rows_by_group = (order[:, None] * G + torch.arange(G)).view(-1)  # [B]
-        for mb in rows_by_group.split(args.mini_batch_prompts * G):
-            mb_tokens = sum(n_tokens[i] for i in mb.tolist())
+        for mb in rows_by_group.split(mb_rows):
+            mb_tokens = plumbing.all_sum(sum(n_tokens[i] for i in mb.tolist())).item()  # all ranks
             if mb_tokens == 0:  # every completion masked out (--mask-truncated): nothing to learn
                 continue
             finite = True
@@ -443,17 +440,19 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
                 (loss * (n / mb_tokens)).backward()  # the micro-batch's share of the token-mean
                 finite = finite & torch.isfinite(loss)  # a tensor: no sync here
                 logged.append((n, {**st, "loss": loss}))
+            plumbing.sum_gradients(model)  # over ranks: the whole minibatch's token-mean
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            if finite & torch.isfinite(norm):
+            if plumbing.all_sum(~(finite & torch.isfinite(norm))) == 0:  # finite on every rank
                 opt.step()
                 updates, bad_streak = updates + 1, 0
             else:
                 skipped, bad_streak = skipped + 1, bad_streak + 1
                 plumbing.stop_if_diverged(bad_streak, args)
             opt.zero_grad(set_to_none=True)
-    out = dict.fromkeys(UPDATE_STATS, float("nan"))
-    for k in logged[0][1] if logged else ():  # token-means over the whole step
-        out[k] = (sum(n * s[k].detach() for n, s in logged) / sum(n for n, _ in logged)).item()
+    total, out = plumbing.all_sum(sum(n for n, _ in logged)), {}
+    for k in UPDATE_STATS:  # token-means over the step and every rank (nan if none was logged)
+        weighted = sum(n * s[k].detach() for n, s in logged if k in s)
+        out[k] = (plumbing.all_sum(weighted) / total).item()
     return {**out, "updates": updates, "skipped": skipped, "bad_streak": bad_streak}
 
 
@@ -461,7 +460,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
     """Train, or resume the run in args.out_dir. Returns the model (None if nothing was left)."""
     plumbing.check_args(args)
     stop = stop or StopRequest()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = plumbing.init_distributed()  # (0, 1, cuda or cpu) without torchrun
     resume, state = plumbing.resume_point(args)  # the newest checkpoint of this run, if any
     if state and state["step"] >= args.steps:
         print(f"nothing to do: {resume} already holds step {state['step']} of {args.steps}")
@@ -472,15 +471,12 @@ def train(args: Args, stop: Optional[StopRequest] = None):
     eos = stop_token_ids(model, tokenizer)
     sampling = generation_config(tokenizer, eos, args.max_new_tokens, args.temperature, args.top_p)
     greedy = generation_config(tokenizer, eos, args.max_new_tokens, temperature=0)
-    ref_model = None  # the KL penalty's anchor: the initial model, frozen
-    if args.beta > 0:
-        ref_model = load_model(args.model, device, args.seed)[0].eval().requires_grad_(False)
+    ref_model = load_model(args.model, device, args.seed)[0].eval() if args.beta else None
     if args.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    torch.manual_seed(args.seed)
     start, coef, bad_streak = 0, (0.0 if args.entropy == "none" else args.entropy_coef), 0
-    if state:  # the weights came with the model; the optimizer, RNG and counters from here
+    if state:  # the weights came with the model; the optimizer and counters from here
         start, coef, bad_streak = plumbing.restore(resume, state, opt)  # and says so
     plumbing.start_logs(args, start)  # args.json; logs cut back to the checkpoint's step
     print(f"model {args.model} on {device} | {len(pairs)} problems | bonus: {args.entropy}")
@@ -490,8 +486,9 @@ def train(args: Args, stop: Optional[StopRequest] = None):
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=None)
     for step in bar:
         t0 = time.time()
-        # rollout, reward and group advantages
-        idx = plumbing.step_batch(len(pairs), args.prompts_per_step, step, args.seed)
+        torch.manual_seed(plumbing.step_seed(args.seed, step, rank))  # a function of the step
+        # rollout, reward and group advantages of this rank's share of the step's prompts
+        idx = plumbing.step_batch(len(pairs), args.prompts_per_step, step, args.seed)[rank::world]
         prompts, golds = [pairs[i][0] for i in idx], [pairs[i][1] for i in idx for _ in range(G)]
         roll = rollout(model, tokenizer, prompts, sampling, G, args.rollout_batch_size)
         rewards = torch.tensor([grade(c, g) for c, g in zip(roll["completions"], golds)])  # [B]
@@ -505,23 +502,25 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         if adaptive and step + 1 >= args.coef_warmup and upd["updates"]:
             coef = update_entropy_coef(coef, h, *band)
 
-        groups = rewards.view(-1, G)  # [N, G]
+        seen = torch.stack([rewards, roll["mask"].sum(1).cpu(), roll["truncated"].cpu()], 1)
+        all_rewards, lengths, truncated = plumbing.gather(seen.float()).T  # every rank's [B]
+        groups = all_rewards.view(-1, G)  # [N, G]
         metrics = {
             "step": step + 1,
-            "reward": rewards.mean().item(),
+            "reward": all_rewards.mean().item(),
             "entropy_clamped": h,
             "entropy_full": upd["entropy_full"],
             "entropy_coef": coef_used,
             **{k: upd[k] for k in ("clip_frac", "dual_clip_frac", "approx_kl", "loss")},
             "kl_ref": upd["kl"] if ref_model else None,
             "skipped_updates": upd["skipped"],
-            "response_len": roll["mask"].sum(1).float().mean().item(),
-            "truncated_frac": roll["truncated"].float().mean().item(),
+            "response_len": lengths.mean().item(),
+            "truncated_frac": truncated.mean().item(),
             "zero_var_frac": (groups.max(1).values == groups.min(1).values).float().mean().item(),
             "rollout_time": t_rollout,
             "step_time": time.time() - t0,
         }
-        if held_out and (step + 1) % args.eval_every == 0:
+        if held_out and rank == 0 and (step + 1) % args.eval_every == 0:
             eval_prompts, eval_golds = zip(*held_out)
             texts = rollout(model, tokenizer, eval_prompts, greedy, 1, args.rollout_batch_size)
             scores = list(map(grade, texts["completions"], eval_golds))
@@ -529,10 +528,11 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         plumbing.log_step(args, metrics, roll["completions"], prompts, golds, rewards, tqdm.write)
 
         done = step + 1 == args.steps
-        if done or stop.requested or (args.save_every and (step + 1) % args.save_every == 0):
+        stopping = plumbing.all_sum(bool(stop.requested)) > 0  # every rank stops at one step
+        if done or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             state = {"step": step + 1, "coef": coef, "bad_streak": bad_streak}
             path = plumbing.save_checkpoint(args, model, tokenizer, opt, state, final=done)
-            if stop.requested and not done:
+            if stopping and not done:
                 bar.close()
                 print(f"stopped by {stop.requested}: {path} holds step {step + 1}; rerun to resume")
                 return model

@@ -97,6 +97,11 @@ def check_args(args):
     if a.mini_batch_prompts >= 1:
         divides = a.prompts_per_step % a.mini_batch_prompts == 0
         rules.append(("prompts_per_step", divides, "a multiple of --mini-batch-prompts"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
+    if world > 1:
+        for name in ("prompts_per_step", "mini_batch_prompts"):
+            splits = getattr(a, name) % world == 0
+            rules.append((name, splits, f"a multiple of the {world} processes"))
     if a.entropy != "none" and a.adaptive_coef:
         inside = a.coef_min <= a.entropy_coef <= a.coef_max
         rules.append(("entropy_coef", inside, "in [--coef-min, --coef-max]"))
@@ -303,7 +308,7 @@ def claim_out_dir(out_dir: str):
     process, so that a second run on it stops at once instead of interleaving its steps. The
     lock goes with the process, however it ends; a directory this left empty is removed."""
     real = os.path.realpath(out_dir)
-    if real in _claimed:
+    if real in _claimed or rank():  # rank 0 holds it for all ranks
         return
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         sys.exit(f"error: --out-dir {out_dir} is a file, not a directory")
@@ -415,11 +420,8 @@ def resume_point(args):
 
 
 def restore(path: str, state: dict, optimizer):
-    """Load the optimizer and RNG state of a checkpoint; (step, coef, bad_streak) to continue from."""
+    """Load the optimizer state of a checkpoint; (step, coef, bad_streak) to continue from."""
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    torch.set_rng_state(state["rng"]["torch"])
-    if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
     print(f"resuming from {path} (step {state['step']})")
     return state["step"], state["coef"], state["bad_streak"]
 
@@ -435,6 +437,8 @@ def write_atomic(path: str, text: str):
 
 def start_logs(args, step: int):
     """Write args.json and cut the logs back to `step`: a resumed run logs each step once."""
+    if rank():
+        return
     try:
         for name in os.listdir(args.out_dir):  # left by a run killed mid-write
             path = os.path.join(args.out_dir, name)
@@ -462,6 +466,8 @@ def logged_step(line: str) -> float:
 def log_step(args, metrics: dict, completions, prompts, golds, rewards, write=print):
     """Append a step to metrics.jsonl and print a line about it. On the first and last step and
     every --sample-every steps, the first completion of 3 groups goes to samples.jsonl."""
+    if rank():
+        return
     append(args.out_dir, "metrics.jsonl", [json.dumps(metrics) + "\n"])
     m, G = metrics, args.group_size
     write(
@@ -504,8 +510,8 @@ def stop_if_diverged(bad_streak: int, args):
 
 def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool = False) -> str:
     """Write step_NNNNNN/ (or final/): save_pretrained weights and tokenizer, optimizer.pt and
-    trainer_state.pt (with the RNG state). Written to NAME.tmp/, synced, and renamed, so a
-    checkpoint is complete or absent; older step checkpoints beyond --keep-last are deleted."""
+    trainer_state.pt. Written to NAME.tmp/, synced, and renamed, so a checkpoint is complete or
+    absent; older step checkpoints beyond --keep-last are deleted. Rank 0 alone writes."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         sys.exit(
             f"error: the weights are no longer finite after step {state['step']} (is --lr too "
@@ -516,15 +522,15 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
     logging.disable_progress_bar()  # the step bar is progress enough
     name = "final" if final else f"step_{state['step']:06d}"
     path = os.path.join(args.out_dir, name)
+    if rank():  # rank 0 writes for all: the weights are the same on every rank
+        return path
     tmp, old = path + ".tmp", path + ".old"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-        rng = {"torch": torch.get_rng_state(), "cuda": cuda}
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save({**state, "rng": rng}, os.path.join(tmp, "trainer_state.pt"))
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         for f in os.listdir(tmp):
             with open(os.path.join(tmp, f), "rb") as fh:
                 os.fsync(fh.fileno())
@@ -550,6 +556,81 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
 def last_checkpoint_note(out_dir: str) -> str:
     path = latest_checkpoint(out_dir)
     return f"the last checkpoint is {path}" if path else "no checkpoint was written"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallel under torchrun: each rank samples its share of the step's groups; these helpers
+# sum across ranks (and are the identity in a single process). gloo on CPU, nccl on GPUs.
+# ----------------------------------------------------------------------------------------------
+_DEVICE = None  # where this rank's collectives run
+
+
+def init_distributed():
+    """(rank, world size, device). Under torchrun, joins the process group; ranks other than 0
+    print nothing (rank 0 logs and saves for all)."""
+    global _DEVICE
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        _DEVICE = torch.device("cuda" if cuda else "cpu")
+        return 0, 1, _DEVICE
+    import torch.distributed as dist
+
+    _DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(_DEVICE)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), world, _DEVICE
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # set by torchrun for every process
+
+
+def all_sum(x) -> torch.Tensor:
+    """x (a number or a 0-d tensor) summed over ranks, as a float64 tensor."""
+    import torch.distributed as dist
+
+    t = torch.as_tensor(x, dtype=torch.float64, device=_DEVICE or "cpu").detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's t ([n, ...], the same n on each), concatenated in rank order."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return t
+    t = t.to(_DEVICE).contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts).cpu()
+
+
+def sum_gradients(model):
+    """Sum each gradient over ranks (what DistributedDataParallel does, bucketed and overlapped
+    with the backward): each rank weighted its tokens by the global count, so the sum is the
+    token-mean gradient of the whole minibatch."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:  # a rank whose micro-batches were all empty
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a step's sampling and shuffling on a rank: a function of the three, so that a
+    resumed run (on any number of ranks) draws what an uninterrupted one would."""
+    return (seed * 1_000_003 + step) * 4096 + rank
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,6 +660,8 @@ class StopRequest:
             signal.signal(s, handler)
         if self.out_dir:
             release_out_dir(self.out_dir)
+        if kind is SystemExit and isinstance(value.code, str) and rank():
+            raise SystemExit(1)  # rank 0 says it
         if kind is KeyboardInterrupt:
             note = last_checkpoint_note(self.out_dir) if self.out_dir else "nothing was saved"
             sys.exit(f"interrupted ({note})")
