@@ -528,7 +528,8 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        add_legacy_rope_theta(tmp)
+        save_tokenizer(tokenizer, tmp)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         for f in os.listdir(tmp):
@@ -551,6 +552,46 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
     for n in steps[: -args.keep_last]:
         shutil.rmtree(os.path.join(args.out_dir, n), ignore_errors=True)
     return path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                   "chat_template.jinja")  # fmt: skip
+
+
+def save_tokenizer(tokenizer, path: str):
+    """Copy the files the tokenizer was loaded from, as they were: training never changes it, and
+    transformers 4.x (the Qwen2.5-Math harness, many vLLM builds) cannot read the
+    tokenizer_config.json that transformers 5 writes. A tokenizer built in memory (the tiny
+    demo) is written by save_pretrained."""
+    source = tokenizer.name_or_path
+    if source and not os.path.isdir(source):  # a hub id: its files in the local cache
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(source, "tokenizer_config.json", local_files_only=True)
+            source = os.path.dirname(found) if found else None
+        except Exception:
+            source = None
+    files = [os.path.join(source, f) for f in TOKENIZER_FILES] if source else []
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        return tokenizer.save_pretrained(path)
+    for f in files:
+        shutil.copyfile(f, os.path.join(path, os.path.basename(f)))
+
+
+def add_legacy_rope_theta(path: str):
+    """transformers 5 writes rope_theta inside rope_parameters; 4.x reads only a top-level
+    rope_theta and would silently use 10000. Write both."""
+    config_path = os.path.join(path, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
 
 
 def last_checkpoint_note(out_dir: str) -> str:
