@@ -17,6 +17,7 @@ each line a function of this file, in the order it reads:
 entropy coefficient, eta its step size (--coef-lr), beta the weight of an optional KL penalty.
 
     python aent.py --model Qwen/Qwen2.5-Math-1.5B      # the paper's recipe, scaled to one GPU
+    torchrun --nproc_per_node 8 aent.py --recipe r1-distill   # the second published setting
     python aent.py --model tiny                        # offline CPU demo on a toy task
 """
 
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 import plumbing
 from grader import extract_answer, grade  # noqa: F401  (part of this module's interface)
-from plumbing import TINY_DEMO, StopRequest
+from plumbing import HUB_DATASETS, RECIPES, TINY_DEMO, StopRequest, load_problems  # noqa: F401
 
 
 # 1. Arguments -------------------------------------------------------------------------------------
@@ -49,9 +50,11 @@ def arg(default, help, **kw):
 @dataclass
 class Args:
     # model and data
+    recipe: Optional[str] = arg(None, "a published setting for flags not given", choices=RECIPES)
     model: str = arg("Qwen/Qwen2.5-Math-1.5B", "hub id, local directory, or 'tiny' (CPU demo)")
     dataset: str = arg("math", "gsm8k, math, math500, toy, or a local .jsonl/.parquet file")
     split: str = arg("train", "split of a hub dataset")
+    prompt: str = arg("qwen-math", "prompt style (see build_prompt)", choices=plumbing.PROMPTS)
     out_dir: str = arg("runs/aent", "where metrics.jsonl, samples.jsonl and checkpoints go")
     seed: int = arg(0, "seed of the data order, the sampling and the tiny model's weights")
     # rollout
@@ -101,7 +104,8 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    """Args from the command line; with --model tiny, flags not given take TINY_DEMO's values."""
+    """Args from the command line; flags not given take TINY_DEMO's values with --model tiny,
+    a recipe's with --recipe (RECIPES in plumbing.py: the authors' published settings)."""
     demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_DEMO.items())
     epilog = f"With --model tiny, flags not given take the CPU demo's values: {demo}."
     formatter = argparse.RawDescriptionHelpFormatter
@@ -111,42 +115,35 @@ def parse_args(argv=None) -> Args:
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
-            kind = int if f.type == Optional[int] else f.type  # typing objects compare by ==
+            kind = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
             parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return Args(**{**(TINY_DEMO if given.get("model") == "tiny" else {}), **given})
+    preset = TINY_DEMO if given.get("model") == "tiny" else RECIPES.get(given.get("recipe"), {})
+    return Args(**{**preset, **given})
 
 
 # 2. Data and prompt -------------------------------------------------------------------------------
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-HUB_DATASETS = {  # name: (hub id, config); --split picks train or test
-    "gsm8k": ("openai/gsm8k", "main"),
-    "math": ("DigitalLearningGmbH/MATH-lighteval", None),
-    "math500": ("HuggingFaceH4/MATH-500", None),
-}
+VERL_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 
-def load_problems(dataset: str, split: str = "train") -> list[dict]:
-    """Problems {'question', 'gold'} from a hub dataset by name, a local .jsonl/.parquet file
-    (rows with question or problem, and answer or a \\boxed{} in solution), or the toy task."""
-    if dataset == "toy":  # the CPU demo's task: 'Repeat 7' -> '7'
-        return [{"question": f"Repeat {d}", "gold": str(d)} for d in range(10)]
-    return plumbing.read_problems(dataset, split, HUB_DATASETS)
-
-
-def build_prompt(tokenizer, question: str) -> str:
-    """The Qwen2.5-Math prompt: the chat template with the boxed-answer system prompt."""
-    if tokenizer.chat_template:
-        system = {"role": "system", "content": SYSTEM_PROMPT}
-        messages = [system, {"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"Question: {question}\nAnswer:"  # a model without a template (the tiny demo)
+def build_prompt(tokenizer, question: str, style: str = "qwen-math") -> str:
+    """The chat-template prompt of a model family. 'qwen-math': the boxed-answer system prompt
+    (Qwen2.5-Math's harness); 'verl': the AEnt recipe's instruction after the question, the
+    template's default system prompt; 'r1': no system prompt, SYSTEM_PROMPT at the end of the
+    user turn (DeepSeek's advice for R1 models, whose template then opens a <think> block)."""
+    if not tokenizer.chat_template:  # a model without a template (the tiny demo)
+        return f"Question: {question}\nAnswer:"
+    suffix = {"verl": VERL_SUFFIX, "r1": "\n" + SYSTEM_PROMPT}.get(style, "")
+    system = [{"role": "system", "content": SYSTEM_PROMPT}] if style == "qwen-math" else []
+    messages = system + [{"role": "user", "content": question + suffix}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def prepare_prompts(problems: list[dict], tokenizer, config, args: Args):
     """(prompt, gold) pairs to train on and, with --eval-every, the held-out ones."""
     context = getattr(config, "max_position_embeddings", None)
-    prompts = [build_prompt(tokenizer, p["question"]) for p in problems]
+    prompts = [build_prompt(tokenizer, p["question"], args.prompt) for p in problems]
     lengths = plumbing.prompt_lengths(tokenizer, prompts, args.max_prompt_tokens)
     keep = plumbing.check_prompt_lengths(lengths, context, args)  # skips or stops on long ones
     pairs = [(prompts[i], problems[i]["gold"]) for i in keep]
@@ -207,9 +204,9 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids) -> torch.Tensor:
     return (is_eos.cumsum(-1) - is_eos == 0).long()  # [B, T] no EOS strictly before t
 
 
-def generation_config(tokenizer, eos_ids, max_new_tokens, temperature=1.0, top_p=1.0):
+def generation_config(tokenizer, eos_ids, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0):
     """Every sampling field explicit, so that the checkpoint's generation_config changes none of
-    them. temperature 0 is greedy decoding."""
+    them. temperature 0 is greedy decoding; top_k 0 is no top-k cut."""
     from transformers import GenerationConfig
 
     sample = temperature > 0
@@ -217,7 +214,7 @@ def generation_config(tokenizer, eos_ids, max_new_tokens, temperature=1.0, top_p
         do_sample=sample,
         temperature=temperature if sample else 1.0,
         top_p=top_p if sample else 1.0,
-        top_k=0 if sample else None,  # 0: no top-k cut
+        top_k=top_k if sample else None,
         max_new_tokens=max_new_tokens,
         eos_token_id=list(eos_ids),
         pad_token_id=tokenizer.pad_token_id,

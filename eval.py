@@ -1,13 +1,14 @@
 """Score a model on GSM8K and MATH with the prompt and grader `aent.py` trains with.
 
-    python eval.py --model Qwen/Qwen2.5-Math-1.5B                        # GSM8K + MATH-500, Qwen protocol
+    python eval.py --model Qwen/Qwen2.5-Math-1.5B             # GSM8K + MATH-500, Qwen protocol
     python eval.py --model runs/aent/final --benchmarks math500 --protocol aent
     python eval.py --model DIR --benchmarks my_problems.jsonl --limit 50
 
-Protocols: `qwen` (the Qwen2.5-Math harness: zero-shot chain of thought with the boxed-answer
-system prompt, greedy, 2048 new tokens) and `aent` (the AEnt paper: T = 0.6, top_p = 0.95,
-4 samples per problem). pass@1 is the mean accuracy over samples; with n > 1 samples, pass@n
-is the fraction of problems with at least one correct sample.
+Protocols: `qwen` (the Qwen2.5-Math harness: greedy, 1 sample) and `aent` (the AEnt recipe's
+validation: T = 0.6, top_p = 0.95, top_k = 20, 4 samples per problem). The prompt style and
+completion length are the training run's for a checkpoint of aent.py (its args.json), else the
+Qwen2.5-Math harness's system prompt and 2048 tokens. pass@1 is the mean accuracy over samples;
+with n > 1 samples, pass@n is the fraction of problems with at least one correct sample.
 
 Writes OUT/summary.json and OUT/predictions.jsonl (each problem's prompt, completions,
 extracted answers, gold and verdicts) and prints a table, with MATH broken down by level and
@@ -34,8 +35,8 @@ from grader import find_answer
 
 BENCHMARKS = aent.HUB_DATASETS  # gsm8k, math500, math: loaded with split="test"
 PROTOCOLS = {
-    "qwen": dict(temperature=0.0, top_p=1.0, samples=1),
-    "aent": dict(temperature=0.6, top_p=0.95, samples=4),
+    "qwen": dict(temperature=0.0, top_p=1.0, top_k=0, samples=1),
+    "aent": dict(temperature=0.6, top_p=0.95, top_k=20, samples=4),  # the recipe's validation
 }
 
 
@@ -58,14 +59,25 @@ def parse_args(argv=None):
         "--protocol",
         choices=PROTOCOLS,
         default="qwen",
-        help="qwen: greedy, 1 sample; aent: T=0.6, top_p=0.95, 4 samples",
+        help="qwen: greedy, 1 sample; aent: T=0.6, top_p=0.95, top_k=20, 4 samples",
     )
     p.add_argument(
         "--temperature", type=float, help="override the protocol's temperature (0 = greedy)"
     )
     p.add_argument("--top-p", type=float, help="override the protocol's top_p")
+    p.add_argument("--top-k", type=int, help="override the protocol's top_k (0: none)")
     p.add_argument("--samples", type=int, help="override the protocol's samples per problem")
-    p.add_argument("--max-new-tokens", type=int, default=2048, help="completion length limit")
+    p.add_argument(
+        "--prompt",
+        choices=plumbing.PROMPTS,
+        help="prompt style (aent.build_prompt); default: the training run's (args.json beside "
+        "a checkpoint of aent.py), else qwen-math",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="completion length limit; default: the training run's, else 2048",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--limit", type=int, help="score only the first N problems of each benchmark")
     p.add_argument(
@@ -79,9 +91,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = p.parse_args(argv)
-    for key, value in PROTOCOLS[args.protocol].items():
+    trained = training_settings(args.model)
+    defaults = {**PROTOCOLS[args.protocol], "prompt": "qwen-math", "max_new_tokens": 2048}
+    for key, value in defaults.items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, trained.get(key, value))
+    if args.top_k < 0:
+        p.error("--top-k must be 0 (none) or positive")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
     if (
@@ -98,6 +114,20 @@ def parse_args(argv=None):
             "greedy decoding (temperature 0) gives identical samples: use --samples 1 or a temperature > 0"
         )
     return args
+
+
+def training_settings(model: str) -> dict:
+    """The prompt style and completion length of the run that saved `model` (its run directory's
+    args.json, one level up), so a checkpoint is scored with the prompt it was trained on."""
+    path = os.path.join(os.path.dirname(os.path.normpath(model)), "args.json")
+    if not os.path.isdir(model) or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: saved[k] for k in ("prompt", "max_new_tokens") if k in saved}
 
 
 def complete(model, tokenizer, prompts, gen, samples=1, batch_size=64, on_batch=None):
@@ -186,7 +216,7 @@ def main(argv=None):
     )
     context = getattr(model.config, "max_position_embeddings", None)
     prompts_of = {
-        name: [aent.build_prompt(tokenizer, p["question"]) for p in problems]
+        name: [aent.build_prompt(tokenizer, p["question"], args.prompt) for p in problems]
         for name, problems in benches.items()
     }
     for name, prompts in prompts_of.items():
@@ -197,12 +227,13 @@ def main(argv=None):
             )
     eos_ids = aent.stop_token_ids(model, tokenizer)
     gen = aent.generation_config(
-        tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p
+        tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k
     )
     torch.manual_seed(args.seed)
     print(
-        f"model {args.model} on {device} | protocol {args.protocol}: T={args.temperature}, top_p={args.top_p}, "
-        f"{args.samples} sample(s), {args.max_new_tokens} new tokens"
+        f"model {args.model} on {device} | protocol {args.protocol}: T={args.temperature}, "
+        f"top_p={args.top_p}, top_k={args.top_k}, {args.samples} sample(s), "
+        f"{args.max_new_tokens} new tokens, prompt {args.prompt}"
     )
 
     summary = {
@@ -210,6 +241,8 @@ def main(argv=None):
         "protocol": args.protocol,
         "temperature": args.temperature,
         "top_p": args.top_p,
+        "top_k": args.top_k,
+        "prompt": args.prompt,
         "samples": args.samples,
         "max_new_tokens": args.max_new_tokens,
         "benchmarks": {},

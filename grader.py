@@ -49,9 +49,10 @@ DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 def stated_answer(text: str) -> Optional[str]:
     """The answer of the last final-answer statement: 'Thus the answer is $\\frac{3}{56}$.' ->
-    '\\frac{3}{56}'; 'The answer is 18. Next, 5 ...' -> '18'. None if there is no statement."""
-    for match in reversed(list(STATEMENT.finditer(text))):
-        rest = text[match.end() :]
+    '\\frac{3}{56}'; 'The answer is 18. Next, 5 ...' -> '18'. None if there is none, or if the
+    last one states no answer ('the answer is not 5, it is 6', 'the answer is correct')."""
+    for match in list(STATEMENT.finditer(text))[-1:]:
+        rest = text[match.end() : match.end() + 2000]
         for open_, close in DELIMITERS:
             if rest.startswith(open_):  # up to the closing delimiter; \$ is a dollar sign
                 end = re.search(r"(?<!\\)" + re.escape(close), rest[len(open_) :])
@@ -64,7 +65,9 @@ def stated_answer(text: str) -> Optional[str]:
             )
             mathy = re.match(r"[-+\d.(\[]", answer.strip(" *")) or re.search(r"[\\^=+/{]", answer)
             if NOT_AN_ANSWER.match(answer) or not mathy and len(answer.split()) > 4:
-                continue  # 'the answer is correct', 'the answer is the number of ways to ...'
+                return None  # 'the answer is correct', 'the answer is the number of ways to ...'
+            prose = re.fullmatch(r"\s*(-?[\d.,]*\d)\s+[A-Za-z]{2,}[A-Za-z ]*", answer)
+            answer = prose.group(1) if prose else answer  # 'the answer is 18 apples' -> 18
         answer = (answer or "").strip().strip("*").strip()
         if answer:
             return answer
@@ -96,10 +99,16 @@ def extract_answer(text: str) -> Optional[str]:
 # Normalisation: forms math-verify does not know, each rewritten to one it does
 # ----------------------------------------------------------------------------------------------
 TEXT = r"\\(?:text|textbf|mbox|mathrm)\s*"
-MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "inf", "infty", "and", "or"}
+UNITS = set(
+    "inch inches in ft foot feet yard yards yd mile miles mi cm centimeter centimeters mm km "
+    "meter meters metre metres millimeters kilometers dollar dollars cent cents unit units "
+    "square sq cubic per degree degrees second seconds sec minute minutes min hour hours hr hrs "
+    "day days week weeks month months year years pound pounds lb lbs ounce ounces oz gram grams "
+    "kg kilograms liter liters litre litres ml gallon gallons mph kmh cal calories".split()
+)
 UNIT_TAIL = re.compile(  # words after a digit or a closing bracket, to the end: '5\text{ cm}^2'
-    rf"(?<=[\d)\]}}])\s*(?:{TEXT}\{{)?\s*((?:[A-Za-z]{{2,}}\.?[\s/]*)+)\}}?"
-    r"\s*(?:\^\{?[23]\}?)?\s*$"
+    rf"(?<=[\d)\]}}])\s*+(?:{TEXT}\{{)?\s*+((?:[A-Za-z]{{2,}}+\.?[\s/]*+)++)\}}?"
+    r"\s*+(?:\^\{?[23]\}?)?\s*+$"
 )
 SCIENTIFIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:[eE]\s*|(?:\\times|\\cdot|x|×)\s*10\^)"
                         r"\{?([-+]?\d+)\}?(?![\w.])")  # fmt: skip
@@ -109,12 +118,19 @@ def both_sides(s: str) -> str:
     """Rewrites safe on gold and answer alike: bold, LaTeX spacing at the end, degrees,
     scientific notation, nested brackets."""
     s = re.sub(r"\\(?:textbf|mathbf|boldsymbol|bm)\s*\{", "{", s)  # \textbf{(C)} -> {(C)}
-    s = re.sub(r"(?:\\[ ,;!]?|\\q?quad|~|\s)+$", "", s)
+    s = re.sub(r"(?:\\q?quad|\\[ ,;!]|\\$|~|\s)++$", "", s)
+    s = drop_nested_parentheses(s)
     while s.startswith("{") and closing_brace(s, 0) == len(s) - 1:  # {x} -> x
         s = s[1:-1].strip()
     s = s.replace("°", "^\\circ").replace("\\degree", "^\\circ").replace("−", "-")
-    s = SCIENTIFIC.sub(r"\1\\times 10^{\2}", s)
-    return drop_nested_parentheses(s)
+    s = re.sub(r"\\[dt]frac\b", r"\\frac", s)
+    return SCIENTIFIC.sub(scientific, s)
+
+
+def scientific(m: re.Match) -> str:
+    """'4.5e33' -> '4.5\\times 10^{33}', '1e-5' too: a digit, e and an integer are read as
+    scientific notation, never as a product with Euler's e."""
+    return f"{m.group(1)}\\times 10^{{{m.group(2)}}}"
 
 
 def closing_brace(s: str, i: int) -> int:
@@ -145,29 +161,40 @@ def drop_nested_parentheses(s: str) -> str:
 def answer_only(answer: str) -> str:
     """Rewrites for the model's answer alone: '\\text{42 inches}' -> '42', '18 dollars' -> '18',
     '5\\text{ cm}^2' -> '5'. Never applied to the gold, where a letter may be the answer."""
-    whole = re.fullmatch(rf"{TEXT}\{{\s*([\d(].*)\}}", answer.strip())
-    if whole:  # \text{42 inches}, \text{(C) Plane}
+    whole = re.fullmatch(rf"{TEXT}\{{\s*([\d(][^{{}}]*)\}}", answer.strip())
+    if whole:  # \text{42 inches}, \text{(C) Plane}, \text{9 customers}: words in text are prose
         answer = whole.group(1)
+        prose = re.fullmatch(r"(-?[\d.,]*\d)\s+[A-Za-z]{2,}[A-Za-z ]*", answer.strip())
+        answer = prose.group(1) if prose else answer
     tail = UNIT_TAIL.search(answer)
-    if tail and not set(tail.group(1).lower().replace(".", " ").split()) & MATH_WORDS:
+    if tail and set(tail.group(1).lower().replace(".", " ").replace("/", " ").split()) <= UNITS:
         answer = answer[: tail.start()]
     return answer.strip()
 
 
 def choice_letter(s: str, exact: bool) -> Optional[str]:
-    """'(C)', '\\text{(C)}' -> 'C'; with exact=False also '(C) Plane', 'C. Plane', 'C'."""
-    s = re.sub(rf"{TEXT}\{{(.*)\}}", r"\1", s.strip()).strip("{} ")
-    pattern = r"\(([A-Z])\)" if exact else r"\(?([A-Z])\)?(?:[\s.:]|$)"
-    m = re.fullmatch(pattern, s) if exact else re.match(pattern, s)
-    return m.group(1) if m else None
+    """A gold's '(C)', '\\text{(C)}', 'C' -> 'C'; with exact=False an answer's '(C) Plane',
+    'C. Plane' or 'C' too, but not 'A and C'. None if there is no single letter."""
+    s = re.sub(rf"{TEXT}\{{([^{{}}]*)\}}", r"\1", s.strip()).strip("{} ")
+    if exact:
+        m = re.fullmatch(r"\(([A-Z])\)|([A-E])", s)  # a gold 'C': MATH's 'enter the letter'
+        return m and (m.group(1) or m.group(2))
+    m = re.match(r"\(?([A-Z])\)?(?:[\s.:]|$)", s)
+    if not m or re.search(r"(?:^|[\s(])[A-Z](?:[\s).,:]|$)", s[m.end() :]):
+        return None  # 'A and C', '(A) (B)': not one choice
+    return m.group(1)
 
 
 def plain_number(s: str) -> Optional[Fraction]:
     """An integer, decimal, fraction (a/b, \\frac{a}{b}) or m \\times 10^{e} as an exact
     rational; None for anything else. '12,345' -> 12345 (but '2,3' is a list: None)."""
-    s = re.sub(r"\s+|\\[,!;]|\\?\$", "", s)  # spacing, dollar signs
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
-        s = s.replace(",", "")
+    s = re.sub(r",\\!\s*", ",", s)  # '11,\\! 111' is digit grouping
+    s = re.sub(r"\\!|\\?\$", "", s).strip()  # LaTeX negative space, dollar signs
+    if re.fullmatch(r"-?\d{1,3}(?:(?:,|\\,|\\;)\d{3})+(?:\.\d+)?", s):  # 12,345 or 12\,345
+        s = re.sub(r"\\?[,;]", "", s)
+    if "," in s or len(s) > 200 or re.search(r"\d\s+\d", s):
+        return None  # '2,3', '12, 345' and '3 4' are not one number
+    s = re.sub(r"\s+|\\[,;]", "", s)
     m = re.fullmatch(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}|(-?)(\d+)/(\d+)", s)
     if m:
         sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.group(2) else m.groups()[3:]
@@ -210,13 +237,20 @@ def grade(completion: str, gold: str) -> float:
 
     Any failure to parse or verify, or a timeout (5 s, signal-based: main thread only), scores 0.
     """
+    answer = extract_answer(completion)
+    if answer is None or len(answer) > 1000:  # no answer, or a runaway one
+        return 0.0
+    try:
+        return _grade(answer, gold)
+    except Exception:  # math-verify raises on pathological input and on timeouts
+        return 0.0
+
+
+def _grade(answer: str, gold: str) -> float:
     from math_verify import verify
 
-    answer = extract_answer(completion)
-    if answer is None:
-        return 0.0
     gold, answer = both_sides(gold), both_sides(answer)
-    if re.sub(r"\s+", "", answer) == re.sub(r"\s+", "", gold):  # the same text
+    if " ".join(answer.split()) == " ".join(gold.split()):  # the same text
         return 1.0
     answer = answer_only(answer)
     letter = choice_letter(gold, exact=True)
@@ -226,9 +260,4 @@ def grade(completion: str, gold: str) -> float:
     if a is not None and g is not None:
         return float(a == g)
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    try:
-        return float(
-            verify(_parse(gold, timeout), _parse(answer, timeout), timeout_seconds=timeout)
-        )
-    except Exception:  # math-verify raises on pathological input and on timeouts
-        return 0.0
+    return float(verify(_parse(gold, timeout), _parse(answer, timeout), timeout_seconds=timeout))

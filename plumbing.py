@@ -32,6 +32,43 @@ TINY_DEMO = dict(
 )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------
+# The authors' published settings (their verl recipe), applied with --recipe NAME to every flag
+# not given. Batch sizes are the recipe's own: 512 x 16 on 4 GPUs, 256 x 8 on 8.
+# ----------------------------------------------------------------------------------------------
+PROMPTS = ("qwen-math", "verl", "r1")  # --prompt: see aent.build_prompt
+RECIPES = {
+    "qwen-math": dict(
+        model="Qwen/Qwen2.5-Math-1.5B", dataset="math", prompt="verl", steps=440,
+        prompts_per_step=512, group_size=16, mini_batch_prompts=128, ppo_epochs=1, lr=2e-6,
+        weight_decay=0.01, max_grad_norm=1.0, max_prompt_tokens=1024, max_new_tokens=3072,
+        temperature=1.0, top_p=1.0, drop_frac=0.33, entropy_coef=0.002, h_low=0.15, h_high=0.24,
+        coef_lr=0.002, coef_warmup=30, coef_min=0.0006, coef_max=0.009,
+    ),
+    "r1-distill": dict(
+        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", dataset="openr1", prompt="r1",
+        prompts_per_step=256, group_size=8, mini_batch_prompts=64, ppo_epochs=1, lr=1e-6,
+        weight_decay=0.01, max_grad_norm=1.0, max_prompt_tokens=1024, max_new_tokens=7168,
+        temperature=1.0, top_p=1.0, drop_frac=0.25, entropy_coef=0.0003, h_low=0.35, h_high=0.62,
+        coef_lr=1e-4, coef_warmup=156, coef_min=4e-5, coef_max=0.001,
+    ),
+}  # fmt: skip
+HUB_DATASETS = {  # name: (hub id, config); --split picks train or test
+    "gsm8k": ("openai/gsm8k", "main"),
+    "math": ("DigitalLearningGmbH/MATH-lighteval", None),
+    "math500": ("HuggingFaceH4/MATH-500", None),
+    "openr1": ("open-r1/OpenR1-Math-220k", "default"),  # problem, answer; train split only
+}
+
+
+def load_problems(dataset: str, split: str = "train") -> list[dict]:
+    """Problems {'question', 'gold'} from a hub dataset by name, a local .jsonl/.parquet file
+    (rows with question or problem, and answer or a \\boxed{} in solution), or the toy task."""
+    if dataset == "toy":  # the CPU demo's task: 'Repeat 7' -> '7'
+        return [{"question": f"Repeat {d}", "gold": str(d)} for d in range(10)]
+    return read_problems(dataset, split, HUB_DATASETS)
+
+
 def build_tiny(seed: int = 0):
     """A randomly initialised 2-layer Qwen2 with a 99-token character-level tokenizer, offline.
 
@@ -87,6 +124,7 @@ def check_args(args):
         ("h_low", a.h_low <= a.h_high, "at most --h-high"),
         ("long_prompts", a.long_prompts in ("skip", "error"), "skip or error"),
         ("entropy", a.entropy in BONUSES, "one of " + ", ".join(BONUSES)),
+        ("prompt", a.prompt in PROMPTS, "one of " + ", ".join(PROMPTS)),
     ]
     for name in ("steps", "prompts_per_step", "max_prompt_tokens", "max_new_tokens", "eval_size",
                  "rollout_batch_size", "mini_batch_prompts", "ppo_epochs", "micro_batch_size",
@@ -371,7 +409,7 @@ def check_same_run(args):
 def load_state(path: str) -> Optional[dict]:
     """A checkpoint's trainer state, read without running any code (weights_only); None if damaged."""
     try:
-        return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+        return torch.load(os.path.join(path, "trainer_state.pt"), "cpu", weights_only=True)
     except Exception:
         return None
 
@@ -380,8 +418,8 @@ def checkpoint_problem(path: str) -> Optional[str]:
     """What keeps a checkpoint directory from being resumed (None if nothing visible)."""
     if load_state(path) is None:
         return "its trainer_state.pt is missing or damaged"
-    try:  # mmap: only the archive's index is read here
-        torch.load(os.path.join(path, "optimizer.pt"), mmap=True, weights_only=True)
+    try:  # mapped to the CPU and the file memory-mapped: nothing lands on a GPU here
+        torch.load(os.path.join(path, "optimizer.pt"), "cpu", mmap=True, weights_only=True)
     except Exception:
         return "its optimizer.pt is missing or damaged"
     return saved_model_problem(path)
@@ -401,13 +439,19 @@ def latest_checkpoint(out_dir: str, report=None) -> Optional[str]:
     for name in sorted(names, key=steps.get, reverse=True):
         problem = checkpoint_problem(os.path.join(out_dir, name))
         if problem:
-            damaged.append(f"{os.path.join(out_dir, name)} ({problem})")
-        found = found or (None if problem else os.path.join(out_dir, name))
+            damaged.append((name, problem))
+        found = found or (None if problem else name)
     if report and damaged and not found:
-        sys.exit(f"error: no checkpoint in {out_dir} can be resumed: {'; '.join(damaged)}")
-    for d in damaged if report else []:
-        report(f"passing over the damaged checkpoint {d}")
-    return found
+        listed = "; ".join(f"{os.path.join(out_dir, n)} ({problem})" for n, problem in damaged)
+        sys.exit(f"error: no checkpoint in {out_dir} can be resumed: {listed}")
+    for name, problem in damaged if report else []:
+        path = os.path.join(out_dir, name)
+        report(f"passing over the damaged checkpoint {path} ({problem})")
+        step = int(name[5:]) if name.startswith("step_") else math.inf  # final: the newest
+        if step > steps[found] and rank() == 0:  # out of the way of --keep-last, which
+            shutil.rmtree(path + ".damaged", ignore_errors=True)  # would keep it over a
+            os.replace(path, path + ".damaged")  # good one; an older one is pruned in turn
+    return os.path.join(out_dir, found) if found else None
 
 
 def resume_point(args):
@@ -416,12 +460,17 @@ def resume_point(args):
     claim_out_dir(args.out_dir)
     check_same_run(args)
     path = latest_checkpoint(args.out_dir, report=print)
-    return (path, load_state(path)) if path else (None, None)
+    state = load_state(path) if path else None
+    step = state["step"] if state else 0
+    if all_sum(step) != step * int(os.environ.get("WORLD_SIZE", "1")):
+        sys.exit(f"error: the processes found different checkpoints in {args.out_dir}")
+    return (path, state) if path else (None, None)
 
 
 def restore(path: str, state: dict, optimizer):
     """Load the optimizer state of a checkpoint; (step, coef, bad_streak) to continue from."""
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    saved = torch.load(os.path.join(path, "optimizer.pt"), "cpu", weights_only=True)
+    optimizer.load_state_dict(saved)  # moves each state to its parameter's device
     print(f"resuming from {path} (step {state['step']})")
     return state["step"], state["coef"], state["bad_streak"]
 
@@ -522,8 +571,8 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
     logging.disable_progress_bar()  # the step bar is progress enough
     name = "final" if final else f"step_{state['step']:06d}"
     path = os.path.join(args.out_dir, name)
-    if rank():  # rank 0 writes for all: the weights are the same on every rank
-        return path
+    if rank():  # rank 0 writes for all (the weights are the same on every rank); the others
+        return barrier(path)  # wait for it, so that no process runs ahead or exits first
     tmp, old = path + ".tmp", path + ".old"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -549,9 +598,10 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     steps = sorted(n for n in os.listdir(args.out_dir) if n.startswith("step_") and "." not in n)
-    for n in steps[: -args.keep_last]:
-        shutil.rmtree(os.path.join(args.out_dir, n), ignore_errors=True)
-    return path
+    for n in steps[: -args.keep_last]:  # renamed first: a kill mid-delete leaves only a .tmp
+        os.replace(os.path.join(args.out_dir, n), os.path.join(args.out_dir, n + ".tmp"))
+        shutil.rmtree(os.path.join(args.out_dir, n + ".tmp"), ignore_errors=True)
+    return barrier(path)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -622,8 +672,10 @@ def init_distributed():
         torch.cuda.set_device(_DEVICE)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)  # before exit: no abort in gloo's threads
     if dist.get_rank():
         sys.stdout = open(os.devnull, "w")
+        os.environ["TQDM_DISABLE"] = "1"  # one progress bar, rank 0's
     return dist.get_rank(), world, _DEVICE
 
 
@@ -668,9 +720,18 @@ def sum_gradients(model):
             dist.all_reduce(p.grad)
 
 
+def barrier(value=None):
+    """Wait for every rank; returns value."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    return value
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of a step's sampling and shuffling on a rank: a function of the three, so that a
-    resumed run (on any number of ranks) draws what an uninterrupted one would."""
+    resumed run draws what an uninterrupted one on the same number of ranks would."""
     return (seed * 1_000_003 + step) * 4096 + rank
 
 

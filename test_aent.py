@@ -944,6 +944,44 @@ def test_grader_compares_plain_numbers_exactly_and_stays_strict(completion, gold
 
 
 @pytest.mark.parametrize(
+    "completion, gold",
+    [
+        ("\\boxed{6xy}", "6"),  # letters after a number are a unit only if they name one
+        ("\\boxed{(x+1) squared}", "x+1"),
+        ("\\boxed{3 dozen}", "3"),
+        ("\\boxed{0.5 percent}", "\\frac12"),
+        ("\\boxed{100, 200}", "100200"),  # a list, not a thousands separator
+        ("\\boxed{100200}", "100, 200"),
+        ("\\boxed{3 4}", "34"),
+        ("\\boxed{A B C D E}", "(A)"),  # several letters are not one choice
+        ("\\boxed{A and C}", "(A)"),
+        ("\\boxed{(A) (B) (C) (D) (E)}", "(A)"),
+        ("The answer is 5. Wait, that is wrong: the answer is not 5, it is 6.", "5"),
+        ("\\boxed{" + "1" * 5000 + "}", "1"),  # too many digits for int(): 0, not an exception
+    ],
+)
+def test_grader_rejects_wrong_answers_that_normalisation_could_make_equal(completion, gold):
+    assert aent.grade(completion, gold) == 0.0
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "The answer is 12 " + "apples remain after everything is distributed " * 3,
+        "\\boxed{1" + "\\ " * 5000 + "x}",
+        "\\boxed{" + "{" * 10000 + "}" * 10000 + "}",
+        "the answer is not " * 7000,
+        "\\boxed{" + "\\text{" * 15000 + "}",
+        "\\boxed{" + " " * 20000 + "5 inches}",
+    ],
+)
+def test_grader_time_stays_bounded_on_adversarial_answers(completion):
+    t0 = time.time()
+    aent.grade(completion, "12")
+    assert time.time() - t0 < 2  # regexes outside math-verify's timeout must not backtrack
+
+
+@pytest.mark.parametrize(
     "text, answer, source",
     [
         ("so \\boxed{7} and then 8", "7", "boxed"),
@@ -1043,6 +1081,80 @@ def test_one_step_and_an_eval_on_the_real_qwen_vocabulary_and_a_faithful_checkpo
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.load(open(tmp_path / "eval" / "summary.json"))["benchmarks"][data]["n"] == 4
+
+
+def test_recipes_are_the_authors_published_settings_for_every_flag_not_given():
+    r1 = aent.parse_args(["--recipe", "r1-distill"])
+    want = dict(model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", dataset="openr1", prompt="r1",
+                drop_frac=0.25, entropy_coef=3e-4, h_low=0.35, h_high=0.62, coef_lr=1e-4,
+                coef_warmup=156, coef_min=4e-5, coef_max=1e-3, prompts_per_step=256, group_size=8,
+                mini_batch_prompts=64, ppo_epochs=1, lr=1e-6, weight_decay=0.01, max_grad_norm=1.0,
+                max_prompt_tokens=1024, max_new_tokens=7168, temperature=1.0, top_p=1.0)  # fmt: skip
+    assert {k: getattr(r1, k) for k in want} == want
+    qwen = aent.parse_args(["--recipe", "qwen-math", "--lr", "3e-6"])
+    want = dict(model="Qwen/Qwen2.5-Math-1.5B", dataset="math", prompt="verl", drop_frac=0.33,
+                entropy_coef=0.002, h_low=0.15, h_high=0.24, coef_lr=0.002, coef_warmup=30,
+                coef_min=6e-4, coef_max=9e-3, prompts_per_step=512, group_size=16,
+                mini_batch_prompts=128, max_new_tokens=3072, lr=3e-6)  # fmt: skip
+    assert {k: getattr(qwen, k) for k in want} == want  # a flag given wins over the recipe
+
+
+R1_TEMPLATE = (  # DeepSeek-R1-Distill's template, reduced to what a math prompt uses
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"
+)
+
+
+def test_prompt_styles_for_qwen_math_the_verl_recipe_and_r1(tiny):
+    tokenizer = plumbing.build_tiny()[1]
+    tokenizer.chat_template, tokenizer.bos_token = R1_TEMPLATE, "<|endoftext|>"
+    assert aent.build_prompt(tokenizer, "What is 1+1?", "r1") == (
+        "<|endoftext|><｜User｜>What is 1+1?\nPlease reason step by step, and put your final "
+        "answer within \\boxed{}.<｜Assistant｜><think>\n"
+    )
+    if not os.path.isdir(QWEN):
+        pytest.skip(f"{QWEN} not present")
+    from transformers import AutoTokenizer
+
+    qwen = AutoTokenizer.from_pretrained(QWEN)
+    assert aent.build_prompt(qwen, "What is 1+1?", "verl") == (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within "
+        "\\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is 1+1? Let's think step by step and output "
+        "the final answer within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n"
+    )  # the template's default system prompt, the recipe's instruction after the question
+
+
+def test_eval_scores_a_checkpoint_with_its_training_prompt_and_length(tmp_path):
+    import eval as ev
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"prompt": "r1", "max_new_tokens": 7168}))
+    args = ev.parse_args(["--model", str(run / "final"), "--protocol", "aent"])
+    assert (args.prompt, args.max_new_tokens, args.top_k, args.top_p) == ("r1", 7168, 20, 0.95)
+    args = ev.parse_args(["--model", str(run / "final"), "--prompt", "qwen-math"])
+    assert (args.prompt, args.max_new_tokens, args.top_k) == ("qwen-math", 7168, 0)
+    args = ev.parse_args(["--model", "Qwen/Qwen2.5-Math-1.5B"])
+    assert (args.prompt, args.max_new_tokens) == ("qwen-math", 2048)
+
+
+def test_plot_draws_every_run_into_one_png_and_refuses_a_directory_without_metrics(tmp_path):
+    import plot
+
+    runs = []
+    for bonus in ("none", "clamped"):
+        run = tmp_path / bonus
+        run.mkdir()
+        (run / "args.json").write_text(json.dumps({"entropy": bonus}))
+        rows = [{"step": s, "reward": s / 20, "entropy_clamped": 1.0, "entropy_full": 2.0,
+                 "entropy_coef": 0.0 if bonus == "none" else 0.01, "response_len": 3.0}
+                for s in range(1, 21)]  # fmt: skip
+        write_jsonl(run / "metrics.jsonl", [*rows, '{"step": 21, "rew'])  # a cut-off last line
+        runs.append(str(run))
+    plot.main([*runs, "--out", str(tmp_path / "c.png"), "--smooth", "5"])
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    assert plot.smooth([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert "has no metrics.jsonl" in one_line_exit(plot.main, [str(tmp_path)])
 
 
 def test_pass_at_k_matches_the_combinatorial_definition():
@@ -1642,6 +1754,21 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_intact_one(
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_damaged_newer_checkpoints_are_set_aside_so_keep_last_keeps_good_ones(
+    tmp_path, three_steps
+):
+    out = tmp_path / "run"
+    shutil.copytree(three_steps, out)
+    truncate(out / "final" / "optimizer.pt", 0.5)
+    truncate(out / "step_000002" / "model.safetensors", 0.5)
+    aent.train(tiny_args(out, "--steps", "5", "--save-every", "1", "--keep-last", "2"))
+    names = sorted(os.listdir(out))
+    assert "final.damaged" in names and "step_000002.damaged" in names
+    kept = [n for n in names if n.startswith("step_") and "." not in n] + ["final"]
+    assert kept == ["step_000003", "step_000004", "final"]
+    assert all(plumbing.checkpoint_problem(str(out / n)) is None for n in kept)
+
+
 def test_a_run_whose_every_checkpoint_is_damaged_is_refused_and_keeps_its_logs(
     tmp_path, three_steps
 ):
@@ -1841,6 +1968,7 @@ torch.manual_seed(1)
 aent.policy_update(model, opt, part, part["mask"], adv[rows], 0.01, args)
 if rank == 0:
     torch.save(dict(model.state_dict()), sys.argv[1])
+plumbing.barrier()  # no process exits while another still works
 """
 
 
