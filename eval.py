@@ -260,7 +260,8 @@ def main(argv=None):
         pairs = [(c, p["gold"]) for cs, p in zip(completions, problems) for c in cs]
         flat = grade_all(pairs, args.grade_workers)
         verdicts = [flat[i * args.samples : (i + 1) * args.samples] for i in range(len(problems))]
-        found = [find_answer(c)[1] for cs in completions for c in cs]  # where each answer was
+        answers = [[find_answer(c) for c in cs] for cs in completions]  # (answer, where) each
+        found = [where for pairs in answers for _, where in pairs]
         result = {
             **score(verdicts),
             "completions": len(found),
@@ -275,7 +276,8 @@ def main(argv=None):
             if any(key in p for p in problems):
                 result[f"by_{key}"] = breakdown(problems, verdicts, key)
         summary["benchmarks"][name] = result
-        for i, (p, prompt, cs, vs) in enumerate(zip(problems, prompts, completions, verdicts)):
+        rows = zip(problems, prompts, completions, verdicts, answers)
+        for i, (p, prompt, cs, vs, pairs) in enumerate(rows):
             predictions.append(
                 {
                     "benchmark": name,
@@ -283,8 +285,8 @@ def main(argv=None):
                     **{k: p[k] for k in ("level", "subject") if k in p},
                     "prompt": prompt,
                     "completions": cs,
-                    "answers": [find_answer(c)[0] for c in cs],
-                    "answer_from": [find_answer(c)[1] for c in cs],
+                    "answers": [answer for answer, _ in pairs],
+                    "answer_from": [where for _, where in pairs],
                     "gold": p["gold"],
                     "verdicts": vs,
                 }

@@ -253,9 +253,9 @@ def _grade(answer: str, gold: str) -> float:
     if " ".join(answer.split()) == " ".join(gold.split()):  # the same text
         return 1.0
     answer = answer_only(answer)
-    letter = choice_letter(gold, exact=True)
-    if letter and choice_letter(answer, exact=False):  # a multiple-choice question
-        return float(choice_letter(answer, exact=False) == letter)
+    letter, chosen = choice_letter(gold, exact=True), choice_letter(answer, exact=False)
+    if letter and chosen:  # a multiple-choice question
+        return float(chosen == letter)
     a, g = plain_number(answer), plain_number(gold)
     if a is not None and g is not None:
         return float(a == g)

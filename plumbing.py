@@ -16,6 +16,7 @@ import sys
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from grader import last_boxed
 
@@ -135,7 +136,7 @@ def check_args(args):
     if a.mini_batch_prompts >= 1:
         divides = a.prompts_per_step % a.mini_batch_prompts == 0
         rules.append(("prompts_per_step", divides, "a multiple of --mini-batch-prompts"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
+    world = world_size()  # torchrun's process count
     if world > 1:
         for name in ("prompts_per_step", "mini_batch_prompts"):
             splits = getattr(a, name) % world == 0
@@ -462,7 +463,7 @@ def resume_point(args):
     path = latest_checkpoint(args.out_dir, report=print)
     state = load_state(path) if path else None
     step = state["step"] if state else 0
-    if all_sum(step) != step * int(os.environ.get("WORLD_SIZE", "1")):
+    if all_sum(step) != step * world_size():
         sys.exit(f"error: the processes found different checkpoints in {args.out_dir}")
     return (path, state) if path else (None, None)
 
@@ -660,13 +661,11 @@ def init_distributed():
     """(rank, world size, device). Under torchrun, joins the process group; ranks other than 0
     print nothing (rank 0 logs and saves for all)."""
     global _DEVICE
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     cuda = torch.cuda.is_available()
     if world == 1:
         _DEVICE = torch.device("cuda" if cuda else "cpu")
         return 0, 1, _DEVICE
-    import torch.distributed as dist
-
     _DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(_DEVICE)
@@ -683,10 +682,12 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))  # set by torchrun for every process
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def all_sum(x) -> torch.Tensor:
     """x (a number or a 0-d tensor) summed over ranks, as a float64 tensor."""
-    import torch.distributed as dist
-
     t = torch.as_tensor(x, dtype=torch.float64, device=_DEVICE or "cpu").detach().clone()
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -695,8 +696,6 @@ def all_sum(x) -> torch.Tensor:
 
 def gather(t: torch.Tensor) -> torch.Tensor:
     """Every rank's t ([n, ...], the same n on each), concatenated in rank order."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return t
     t = t.to(_DEVICE).contiguous()
@@ -709,8 +708,6 @@ def sum_gradients(model):
     """Sum each gradient over ranks (what DistributedDataParallel does, bucketed and overlapped
     with the backward): each rank weighted its tokens by the global count, so the sum is the
     token-mean gradient of the whole minibatch."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return
     for p in model.parameters():
@@ -722,8 +719,6 @@ def sum_gradients(model):
 
 def barrier(value=None):
     """Wait for every rank; returns value."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
     return value
