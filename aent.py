@@ -19,12 +19,11 @@ entropy coefficient, eta its step size (--coef-lr), beta the weight of an option
     python aent.py --model Qwen/Qwen2.5-Math-1.5B      # the paper's recipe, scaled to one GPU
     torchrun --nproc_per_node 8 aent.py --recipe r1-distill   # the second published setting
     python aent.py --model tiny                        # offline CPU demo on a toy task
+    python aent.py --lora-rank 32                      # LoRA: the 1.5B model on a 24 GB GPU
 """
 
-import argparse
-import dataclasses
+import contextlib
 import signal
-import sys
 import time
 
 if __name__ == "__main__":  # Ctrl-C while the libraries import: exit quietly, no traceback
@@ -70,8 +69,10 @@ class Args:
     mini_batch_prompts: int = arg(8, "prompts per optimizer update")
     ppo_epochs: int = arg(1, "passes over each step's rollouts")
     micro_batch_size: int = arg(8, "sequences per forward/backward (gradient accumulation)")
-    lr: float = arg(2e-6, "AdamW learning rate (constant)")
+    lr: float = arg(2e-6, "AdamW learning rate (constant; with LoRA, 10x this when not given)")
     weight_decay: float = arg(0.01, "AdamW weight decay")
+    lora_rank: int = arg(0, "LoRA rank r: train adapters on every linear layer (0: all weights)")
+    lora_alpha: float = arg(32.0, "LoRA scale alpha: a layer computes W x + (alpha / r) B A x")
     max_grad_norm: float = arg(1.0, "gradient-norm clipping threshold")
     clip_low: float = arg(0.2, "PPO clip: the ratio is clipped below at 1 - clip_low")
     clip_high: float = arg(0.2, "PPO clip: the ratio is clipped above at 1 + clip_high")
@@ -106,20 +107,12 @@ class Args:
 def parse_args(argv=None) -> Args:
     """Args from the command line; flags not given take TINY_DEMO's values with --model tiny,
     a recipe's with --recipe (RECIPES in plumbing.py: the authors' published settings)."""
-    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_DEMO.items())
-    epilog = f"With --model tiny, flags not given take the CPU demo's values: {demo}."
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=formatter)
-    for f in dataclasses.fields(Args):
-        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            kind = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    given = plumbing.given_flags(Args, argv, __doc__)  # {field: value} of the flags given
     preset = TINY_DEMO if given.get("model") == "tiny" else RECIPES.get(given.get("recipe"), {})
-    return Args(**{**preset, **given})
+    args = Args(**{**preset, **given})
+    if args.lora_rank and "lr" not in given and args.model != "tiny":  # LoRA's best lr is ~10x
+        args.lr = round(args.lr * 10, 12)  # full FT's at alpha 32, any rank (Schulman et al. 2025)
+    return args
 
 
 # 2. Data and prompt -------------------------------------------------------------------------------
@@ -147,13 +140,7 @@ def prepare_prompts(problems: list[dict], tokenizer, config, args: Args):
     lengths = plumbing.prompt_lengths(tokenizer, prompts, args.max_prompt_tokens)
     keep = plumbing.check_prompt_lengths(lengths, context, args)  # skips or stops on long ones
     pairs = [(prompts[i], problems[i]["gold"]) for i in keep]
-    if not args.eval_every:
-        return pairs, []
-    if args.eval_size >= len(pairs):
-        sys.exit(f"error: --eval-size {args.eval_size} must be below the {len(pairs)} problems")
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    held_out = sorted(order[: args.eval_size])
-    return [pairs[i] for i in sorted(order[args.eval_size :])], [pairs[i] for i in held_out]
+    return plumbing.hold_out(pairs, args.eval_size if args.eval_every else 0, args.seed)
 
 
 # 3. Reward: `grade` and `extract_answer`, from grader.py (math-verify does the mathematics) -------
@@ -162,21 +149,31 @@ def load_model(name: str, device: torch.device, seed: int = 0, dtype=torch.float
     """(model, tokenizer) from the hub, a local directory, or 'tiny'. Training keeps fp32 weights:
     on GPU the passes run under bf16 autocast, because bf16 weights would round away updates of
     the size lr = 2e-6 makes. Evaluation may load bf16 weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if name == "tiny":
         model, tokenizer = plumbing.build_tiny(seed)
-    else:
-        plumbing.check_model_path(name)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}")
+    else:  # AutoModelForCausalLM and AutoTokenizer .from_pretrained (pad = EOS if it has none)
+        model, tokenizer = plumbing.from_pretrained(name, dtype)
     tokenizer.padding_side = "left"  # generate appends to the right end of every row
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def load_policy(args: Args, device: torch.device, resume: Optional[str] = None):
+    """(model to train, tokenizer): all weights in fp32, from the checkpoint when resuming; or,
+    with --lora-rank, the base frozen (in bf16 on a GPU: it never changes) with fp32 adapters
+    on every linear layer from peft, B = 0 at the start, from the checkpoint's adapter/."""
+    if not args.lora_rank:
+        return load_model(resume or args.model, device, args.seed)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base, tokenizer = load_model(args.model, device, args.seed, dtype)
+    if args.model == "tiny":  # the CPU demo: a random head cannot be confident (see there)
+        plumbing.confident_tiny_head(base)
+    if resume:
+        return PeftModel.from_pretrained(base, f"{resume}/adapter", is_trainable=True), tokenizer
+    torch.manual_seed(args.seed)  # A's random initialisation
+    lora = dict(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0)
+    return get_peft_model(base, LoraConfig(**lora, target_modules="all-linear")), tokenizer
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -233,8 +230,10 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size=1, batch_size=
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)  # [B, P]
     prompt_attn = enc.attention_mask.repeat_interleave(group_size, 0).to(device)  # [B, P]
-    # generate fills unset fields (repetition_penalty, ...) from model.generation_config: swap it
-    saved, was_training, model.generation_config = model.generation_config, model.training, gen
+    # generate fills unset fields (repetition_penalty, ...) from the model's generation_config:
+    # swap ours in (with LoRA, in the model peft wraps: peft's generate reads that one)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved, was_training, inner.generation_config = inner.generation_config, model.training, gen
     model.eval()  # gradient checkpointing acts in train mode only: generate keeps its KV cache
     chunks = []
     try:
@@ -244,7 +243,7 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size=1, batch_size=
                 out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
             chunks.append(out[:, prompt_ids.size(1) :])  # [b, T_i]
     finally:
-        model.generation_config = saved
+        inner.generation_config = saved
         model.train(was_training)
     T, pad = max(c.size(1) for c in chunks), tokenizer.pad_token_id
     completion_ids = torch.cat([F.pad(c, (0, T - c.size(1)), value=pad) for c in chunks])  # [B, T]
@@ -329,7 +328,7 @@ def token_stats(
     T = mask.size(1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] as generate sets them
     kw = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = model.base_model(input_ids, **kw).last_hidden_state  # [B, L, D]
+    hidden = model.get_decoder()(input_ids, **kw).last_hidden_state  # [B, L, D] before the head
     keep = mask.bool()  # [B, T]
     hidden = hidden[:, -T - 1 : -1][keep]  # [N, D] the states that predict completion tokens
     targets = input_ids[:, -T:][keep]  # [N]
@@ -407,7 +406,9 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
     micro = torch.arange(B).split(args.micro_batch_size)
     model.eval()
     old_logp = None if on_policy else torch.cat([stats(model, r, "skip")[0] for r in micro])
-    ref_logp = torch.cat([stats(ref_model, r, "skip")[0] for r in micro]) if ref_model else None
+    with model.disable_adapter() if args.lora_rank and args.beta else contextlib.nullcontext():
+        ref = ref_model or model  # --beta's reference: the initial model, or the LoRA base
+        ref_logp = torch.cat([stats(ref, r, "skip")[0] for r in micro]) if args.beta else None
     model.train()
 
     logged, updates, skipped = [], 0, 0  # logged: (tokens, stats) per micro-batch
@@ -463,15 +464,17 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         print(f"nothing to do: {resume} already holds step {state['step']} of {args.steps}")
         return None
     problems = load_problems(args.dataset, args.split)  # data errors come before the model loads
-    model, tokenizer = load_model(resume or args.model, device, args.seed)
+    model, tokenizer = load_policy(args, device, resume)
     pairs, held_out = prepare_prompts(problems, tokenizer, model.config, args)  # (prompt, gold)
     eos = stop_token_ids(model, tokenizer)
     sampling = generation_config(tokenizer, eos, args.max_new_tokens, args.temperature, args.top_p)
     greedy = generation_config(tokenizer, eos, args.max_new_tokens, temperature=0)
-    ref_model = load_model(args.model, device, args.seed)[0].eval() if args.beta else None
+    initial = args.beta and not args.lora_rank  # LoRA's reference is its base: nothing to load
+    ref_model = load_model(args.model, device, args.seed)[0].eval() if initial else None
     if args.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     start, coef, bad_streak = 0, (0.0 if args.entropy == "none" else args.entropy_coef), 0
     if state:  # the weights came with the model; the optimizer and counters from here
         start, coef, bad_streak = plumbing.restore(resume, state, opt)  # and says so
@@ -509,7 +512,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
             "entropy_full": upd["entropy_full"],
             "entropy_coef": coef_used,
             **{k: upd[k] for k in ("clip_frac", "dual_clip_frac", "approx_kl", "loss")},
-            "kl_ref": upd["kl"] if ref_model else None,
+            "kl_ref": upd["kl"] if args.beta else None,
             "skipped_updates": upd["skipped"],
             "response_len": lengths.mean().item(),
             "truncated_frac": truncated.mean().item(),

@@ -147,6 +147,7 @@ def run_ours(p, model_dir, work, device):
         mini_batch_prompts=p["prompts"],
         micro_batch_size=p["micro"],
         lr=LR,
+        lora_rank=p.get("lora_rank", 0),
         entropy="clamped",
         entropy_coef=COEF,
         logits_chunk=p["chunk"],
@@ -217,6 +218,11 @@ def run_trl(p, model_dir, work, device):
         disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_config = None
+    if p.get("lora_rank"):  # the same adapters as aent.py's: every linear layer, alpha 32
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=p["lora_rank"], lora_alpha=32, target_modules="all-linear")
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward,
@@ -224,6 +230,7 @@ def run_trl(p, model_dir, work, device):
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[Clock()],
+        peft_config=peft_config,
     )
     for name in (
         "_generate",
@@ -402,6 +409,9 @@ def main(argv=None):
     )
     ap.add_argument("--new-tokens", type=int, help="completion length (default: the preset's)")
     ap.add_argument(
+        "--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all weights)"
+    )
+    ap.add_argument(
         "--no-pass", action="store_true", help="skip the log-prob + clamped-entropy pass comparison"
     )
     ap.add_argument(
@@ -427,6 +437,9 @@ def main(argv=None):
             if value < 1:
                 sys.exit(f"error: --{key.replace('_', '-')} must be at least 1")
             p[key] = value
+    if a.lora_rank < 0:
+        sys.exit("error: --lora-rank must be at least 0")
+    p["lora_rank"] = a.lora_rank
     if a.vs_trl:
         try:
             import trl  # noqa: F401
@@ -437,7 +450,8 @@ def main(argv=None):
     print(
         f"preset {preset} on {device}: hidden {p['hidden']}, {p['layers']} layers, vocab {p['vocab']}; "
         f"{p['prompts']} prompts x {p['group']} samples x {p['new_tokens']} tokens per step, "
-        f"{p['steps']} measured steps after 1 warm-up"
+        f"{p['steps']} measured steps after 1 warm-up; "
+        + (f"LoRA rank {p['lora_rank']}" if p["lora_rank"] else "all weights trained")
     )
     results = {"preset": preset, "config": p, "device": device, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as work:

@@ -16,6 +16,7 @@ subject.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -116,18 +117,37 @@ def parse_args(argv=None):
     return args
 
 
-def training_settings(model: str) -> dict:
-    """The prompt style and completion length of the run that saved `model` (its run directory's
-    args.json, one level up), so a checkpoint is scored with the prompt it was trained on."""
+def run_args(model: str) -> dict:
+    """The settings of the aent.py run that saved checkpoint `model`: its run directory's
+    args.json, one level up ({} for a hub id or a directory without one)."""
     path = os.path.join(os.path.dirname(os.path.normpath(model)), "args.json")
     if not os.path.isdir(model) or not os.path.isfile(path):
         return {}
     try:
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def training_settings(model: str) -> dict:
+    """The prompt style and completion length of the run that saved `model`, so a checkpoint is
+    scored with the prompt it was trained on."""
+    saved = run_args(model)
     return {k: saved[k] for k in ("prompt", "max_new_tokens") if k in saved}
+
+
+def load_checkpoint(model: str, device: torch.device):
+    """(model, tokenizer) of a hub id or a directory; a step checkpoint of an aent.py LoRA run
+    (adapters alone) is its run's base with those adapters, as training used it."""
+    saved = run_args(model)
+    adapters_alone = not os.path.exists(os.path.join(model, "config.json"))
+    if saved.get("lora_rank") and adapters_alone and os.path.isdir(os.path.join(model, "adapter")):
+        fields = {f.name for f in dataclasses.fields(aent.Args)}
+        train_args = aent.Args(**{k: v for k, v in saved.items() if k in fields})
+        return aent.load_policy(train_args, device, resume=model)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return aent.load_model(model, device, dtype=dtype)
 
 
 def complete(model, tokenizer, prompts, gen, samples=1, batch_size=64, on_batch=None):
@@ -211,9 +231,7 @@ def main(argv=None):
     plumbing.claim_out_dir(args.out_dir)  # a bad --out-dir fails now, not after generating
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     benches = {b: aent.load_problems(b, split="test")[: args.limit] for b in names}
-    model, tokenizer = aent.load_model(
-        args.model, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
+    model, tokenizer = load_checkpoint(args.model, device)
     context = getattr(model.config, "max_position_embeddings", None)
     prompts_of = {
         name: [aent.build_prompt(tokenizer, p["question"], args.prompt) for p in problems]

@@ -2,6 +2,7 @@
 the run directory (resumable atomic checkpoints, logs, the same-run check), signals, and the
 tiny model of the offline CPU demo."""
 
+import argparse
 import atexit
 import dataclasses
 import fcntl
@@ -92,6 +93,62 @@ def build_tiny(seed: int = 0):
     )  # fmt: skip
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config), tokenizer
+
+
+def confident_tiny_head(model):
+    """The tiny model as a LoRA base. LoRA leaves the final norm and the (tied) head frozen, and
+    at their random initialisation they cap the probability of any one digit near 4% (measured
+    by optimising the last hidden state), so no adapter can make the demo's answer likely. A
+    pretrained head has no such cap; scaling the final norm's weights from 1 to 10 lifts it."""
+    with torch.no_grad():
+        model.model.norm.weight.fill_(10.0)
+
+
+def given_flags(fields, argv, description: str) -> dict:
+    """{field: value} of the flags given on the command line: one flag per field of the
+    dataclass `fields` (--no-X for booleans), its help from the field's metadata."""
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_DEMO.items())
+    epilog = f"With --model tiny, flags not given take the CPU demo's values: {demo}."
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        description=description, epilog=epilog, formatter_class=formatter
+    )
+    for f in dataclasses.fields(fields):
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            kind = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help)
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
+def hold_out(pairs: list, size: int, seed: int):
+    """(training pairs, `size` held-out pairs for --eval-every), a seeded split in data order."""
+    if not size:
+        return pairs, []
+    if size >= len(pairs):
+        sys.exit(f"error: --eval-size {size} must be below the {len(pairs)} problems")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = sorted(order[:size])
+    return [pairs[i] for i in sorted(order[size:])], [pairs[i] for i in held_out]
+
+
+def from_pretrained(name: str, dtype):
+    """(model, tokenizer) with AutoModelForCausalLM and AutoTokenizer; a missing or damaged
+    local directory, or a failed download, is one error line. A tokenizer without a pad token
+    pads with EOS (the completion mask works by position, so that is safe)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}")
+    if tokenizer.pad_token_id is None:  # padding is needed for batches: EOS serves
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,26 +291,35 @@ def read_problems(dataset: str, split: str, hub: dict) -> list[dict]:
     return problems
 
 
-def saved_model_problem(path: str) -> Optional[str]:
+def saved_model_problem(path: str, config="config.json", tokenizer=True) -> Optional[str]:
     """What keeps `from_pretrained` from loading directory `path` (None if nothing visible):
-    a missing or damaged config.json, no tokenizer, no weights, or a truncated .safetensors."""
+    a missing or damaged config (or adapter_config.json), no tokenizer, no weights, or a
+    truncated .safetensors."""
     try:
-        with open(os.path.join(path, "config.json"), "rb") as f:
+        with open(os.path.join(path, config), "rb") as f:
             json.load(f)
     except OSError:
-        return "it has no config.json"
+        if tokenizer and os.path.isdir(os.path.join(path, "adapter")):
+            return "it holds LoRA adapters alone (adapter/); the run's final/ is a whole model"
+        return f"it has no {config}"
     except ValueError:
-        return "its config.json is damaged"
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any(os.path.exists(os.path.join(path, f)) for f in tokenizer_files):
-        return "it has no tokenizer (tokenizer.json); save one beside the model"
+        return f"its {config} is damaged"
+    if tokenizer and (problem := tokenizer_problem(path)):
+        return problem
     names = os.listdir(path)
     shards = [n for n in names if n.endswith(".safetensors")]
     if not shards and not any(n.endswith(".bin") for n in names):
-        return "it has no weights (model.safetensors)"
+        return "it has no weights (.safetensors)"
     for name in shards:
         if not safetensors_complete(os.path.join(path, name)):
             return f"its {name} is truncated or damaged"
+    return None
+
+
+def tokenizer_problem(path: str) -> Optional[str]:
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any(os.path.exists(os.path.join(path, f)) for f in tokenizer_files):
+        return "it has no tokenizer (tokenizer.json); save one beside the model"
     return None
 
 
@@ -423,6 +489,11 @@ def checkpoint_problem(path: str) -> Optional[str]:
         torch.load(os.path.join(path, "optimizer.pt"), "cpu", mmap=True, weights_only=True)
     except Exception:
         return "its optimizer.pt is missing or damaged"
+    adapter = os.path.join(path, "adapter")
+    if os.path.isdir(adapter):  # LoRA: the adapters; beside them in final/, the merged model
+        problem = saved_model_problem(adapter, "adapter_config.json", tokenizer=False)
+        if problem or not os.path.basename(path).startswith("final"):
+            return f"adapter/: {problem}" if problem else tokenizer_problem(path)
     return saved_model_problem(path)
 
 
@@ -561,7 +632,11 @@ def stop_if_diverged(bad_streak: int, args):
 def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool = False) -> str:
     """Write step_NNNNNN/ (or final/): save_pretrained weights and tokenizer, optimizer.pt and
     trainer_state.pt. Written to NAME.tmp/, synced, and renamed, so a checkpoint is complete or
-    absent; older step checkpoints beyond --keep-last are deleted. Rank 0 alone writes."""
+    absent; older step checkpoints beyond --keep-last are deleted. Rank 0 alone writes.
+
+    With LoRA (a peft model) the weights are the adapters, in adapter/; final/ also holds the
+    merged model, a plain one, in fp32: the merge is done in place on the CPU (the run is
+    over) and into fp32, since bf16 base weights would round away much of a small update."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         sys.exit(
             f"error: the weights are no longer finite after step {state['step']} (is --lr too "
@@ -577,14 +652,20 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
     tmp, old = path + ".tmp", path + ".old"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        add_legacy_rope_theta(tmp)
+        lora = hasattr(model, "get_base_model")  # a peft model
+        if lora:
+            model.save_pretrained(os.path.join(tmp, "adapter"))
+        if final or not lora:
+            merged = model.to("cpu", torch.float32).merge_and_unload() if lora else model
+            merged.save_pretrained(tmp)
+            add_legacy_rope_theta(tmp)
         save_tokenizer(tokenizer, tmp)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        for f in os.listdir(tmp):
-            with open(os.path.join(tmp, f), "rb") as fh:
-                os.fsync(fh.fileno())
+        for folder, _, files in os.walk(tmp):
+            for f in files:
+                with open(os.path.join(folder, f), "rb") as fh:
+                    os.fsync(fh.fileno())
     except Exception as e:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
         full = shutil.disk_usage(args.out_dir).free < 2**20
         reason = "the disk is full" if full else getattr(e, "strerror", None) or str(e)[:120]

@@ -1,5 +1,6 @@
 """The specification of aent.py, as tests. CPU only, offline: every model and data file is built here."""
 
+import dataclasses
 import errno
 import json
 import math
@@ -613,7 +614,7 @@ def test_help_explains_every_field():
     out = subprocess.run(
         [sys.executable, "aent.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True
     ).stdout
-    for f in aent.dataclasses.fields(aent.Args):
+    for f in dataclasses.fields(aent.Args):
         assert "--" + f.name.replace("_", "-") in out
         assert f.metadata["help"].split()[0] in out
 
@@ -1354,24 +1355,15 @@ def wait_for_checkpoint(out_dir, newer_than, proc, timeout=180):
     return newer_than
 
 
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "8"]], ids=["full", "lora"])
 def test_a_run_killed_at_random_moments_resumes_to_the_same_weights_as_an_uninterrupted_one(
-    tmp_path,
+    tmp_path, lora
 ):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    flags = [
-        "--model",
-        "tiny",
-        "--steps",
-        "10",
-        "--save-every",
-        "1",
-        "--keep-last",
-        "3",
-        "--sample-every",
-        "2",
-    ]
+    flags = ["--model", "tiny", "--steps", "10", "--save-every", "1", "--keep-last", "3",
+             "--sample-every", "2", *lora]  # fmt: skip
     assert run_aent(*flags, "--out-dir", str(tmp_path / "straight")).returncode == 0
     rng, step = random.Random(0), 0
     for _ in range(3):
@@ -1389,11 +1381,11 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights_as_an_uninte
     assert 0 < step < 10  # the kills did land mid-run
     assert run_aent(*flags, "--out-dir", str(tmp_path / "killed")).returncode == 0
 
-    straight, killed = (
-        load_file(tmp_path / "straight" / "final" / "model.safetensors"),
-        load_file(tmp_path / "killed" / "final" / "model.safetensors"),
-    )
-    assert all(torch.equal(straight[k], killed[k]) for k in straight)
+    for weights in ["model.safetensors"] + ["adapter/adapter_model.safetensors"] * bool(lora):
+        straight = load_file(tmp_path / "straight" / "final" / weights)
+        killed = load_file(tmp_path / "killed" / "final" / weights)
+        assert straight.keys() == killed.keys()
+        assert all(torch.equal(straight[k], killed[k]) for k in straight)
     lines = [json.loads(line) for line in open(tmp_path / "killed" / "metrics.jsonl")]
     reference = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == list(range(1, 11))
@@ -1409,8 +1401,9 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights_as_an_uninte
     assert "final" in checkpoints and len(checkpoints) <= 4
     for d in checkpoints:
         if not d.endswith(".tmp"):
-            AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / d)
-            torch.load(tmp_path / "killed" / d / "optimizer.pt", weights_only=True)
+            assert plumbing.checkpoint_problem(str(tmp_path / "killed" / d)) is None
+            if d == "final" or not lora:  # a LoRA step checkpoint holds the adapters alone
+                AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / d)
 
 
 def sigterm_once_a_step_is_logged(out, steps):
@@ -1930,12 +1923,13 @@ if dist.get_rank() == 0:
 """
 
 
-def test_two_processes_train_log_each_step_once_and_keep_identical_weights(tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "8"]], ids=["full", "lora"])
+def test_two_processes_train_log_each_step_once_and_keep_identical_weights(tmp_path, lora):
     from transformers import AutoModelForCausalLM
 
     script, report, out = tmp_path / "same.py", tmp_path / "same.json", tmp_path / "run"
     script.write_text(SAME_WEIGHTS)
-    flags = ["--model", "tiny", "--steps", "6", "--save-every", "2", "--out-dir", out]
+    flags = ["--model", "tiny", "--steps", "6", "--save-every", "2", "--out-dir", out, *lora]
     res = torchrun(script, report, *flags)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.load(open(report)) == [True] * 6  # identical on both ranks after every step
@@ -2068,3 +2062,139 @@ def test_bench_runs_trl_side_by_side_when_it_is_installed(tmp_path, monkeypatch,
         and out["ratios"]["step_time"] == out["ours"]["step_time"] / out["trl"]["step_time"]
     )
     assert "ratio" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA through peft: --lora-rank
+# ----------------------------------------------------------------------------------------------
+def lora_base():
+    """The frozen base of the tiny LoRA demo: the tiny model with its confident head."""
+    model, _ = plumbing.build_tiny(0)
+    plumbing.confident_tiny_head(model)
+    return model
+
+
+def test_lora_learning_rate_is_ten_times_the_full_default_unless_given():
+    assert aent.parse_args(["--lora-rank", "8"]).lr == 2e-5
+    assert aent.parse_args(["--lora-rank", "8", "--recipe", "r1-distill"]).lr == 1e-5
+    assert aent.parse_args(["--lora-rank", "8", "--lr", "3e-6"]).lr == 3e-6
+    assert aent.parse_args(["--model", "tiny", "--lora-rank", "8"]).lr == 1e-3  # the demo's
+    assert aent.parse_args([]).lr == 2e-6
+
+
+def test_the_tiny_heads_cap_is_what_keeps_lora_from_the_answer():
+    """Why the LoRA demo's base has a confident head: through the frozen final norm and tied head
+    of the random tiny model no last hidden state makes a digit more than ~5% likely."""
+
+    def best_probability(model, token):
+        norm, head = model.model.norm.weight.detach(), model.lm_head.weight.detach()
+        x = torch.randn(
+            norm.numel(), requires_grad=True, generator=torch.Generator().manual_seed(0)
+        )
+        opt = torch.optim.Adam([x], lr=0.05)
+        for _ in range(300):
+            logp = (norm * x / x.pow(2).mean().sqrt() @ head.T).log_softmax(-1)[token]
+            (-logp).backward()
+            opt.step()
+            opt.zero_grad()
+        return logp.exp().item()
+
+    model, tokenizer = plumbing.build_tiny(0)
+    seven = tokenizer.convert_tokens_to_ids("7")
+    assert best_probability(model, seven) < 0.06
+    assert best_probability(lora_base(), seven) > 0.9
+
+
+def test_lora_demo_learns_and_its_final_is_a_plain_model_with_the_adapters_merged(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    aent.train(aent.parse_args(["--model", "tiny", "--lora-rank", "8", "--out-dir", str(out)]))
+    rewards = [json.loads(line)["reward"] for line in open(out / "metrics.jsonl")]
+    assert len(rewards) == aent.TINY_DEMO["steps"]
+    assert sum(rewards[-10:]) / 10 >= sum(rewards[:10]) / 10 + 0.2
+
+    final = out / "final"
+    assert not (final / "adapter_config.json").exists()  # from_pretrained sees a plain model
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    assert not any("lora" in name for name in merged.state_dict())
+    adapted = PeftModel.from_pretrained(lora_base(), final / "adapter")
+    ids = torch.randint(3, 99, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+
+    # the merge added (alpha / r) B A to each adapted layer; every other tensor is the base's
+    base, weights = lora_base().state_dict(), load_file(final / "model.safetensors")
+    adapters = load_file(final / "adapter" / "adapter_model.safetensors")
+    adapted_layers = 0
+    for name, w in weights.items():
+        a = adapters.get("base_model.model." + name.replace(".weight", ".lora_A.weight"))
+        if a is None:
+            assert torch.equal(w, base[name]), name
+            continue
+        b = adapters["base_model.model." + name.replace(".weight", ".lora_B.weight")]
+        torch.testing.assert_close(w, base[name] + 32 / 8 * b @ a)
+        assert not torch.equal(w, base[name])
+        adapted_layers += 1
+    assert adapted_layers == 14  # q, k, v, o, gate, up and down of both layers
+
+
+def test_lora_trains_the_adapters_alone_and_a_step_checkpoint_holds_only_them(tmp_path):
+    stop = plumbing.StopRequest()
+    stop.requested = "test"  # stop after the first step (two updates): the model stays unmerged
+    out = tmp_path / "run"
+    model = aent.train(tiny_args(out, "--lora-rank", "8", "--steps", "5"), stop)
+    base = lora_base().state_dict()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad and p.dtype == torch.float32
+        else:
+            plain = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert not p.requires_grad and torch.equal(p, base[plain]), name
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+    step = out / "step_000001"
+    assert (
+        sorted(os.listdir(step / "adapter"))[:2]
+        == [
+            "README.md",
+            "adapter_config.json",
+        ]
+        and not (step / "model.safetensors").exists()
+    )
+    saved = torch.load(step / "optimizer.pt", weights_only=True)
+    assert len(saved["state"]) == 28  # AdamW moments for the 28 adapter matrices, nothing else
+    assert plumbing.checkpoint_problem(str(step)) is None
+    import eval as ev
+    from peft import PeftModel
+
+    scored, _ = ev.load_checkpoint(str(step), torch.device("cpu"))  # the run's base + adapters
+    trained = PeftModel.from_pretrained(lora_base(), step / "adapter")
+    ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(scored(ids).logits, trained(ids).logits)
+    shutil.copytree(step, tmp_path / "moved")  # away from its run's args.json: one error line
+    assert "LoRA adapters" in plumbing.saved_model_problem(str(tmp_path / "moved"))
+    os.remove(step / "adapter" / "adapter_model.safetensors")
+    assert plumbing.checkpoint_problem(str(step)).startswith("adapter/: it has no weights")
+
+
+def test_lora_beta_scores_the_base_with_adapters_off_and_loads_no_second_model(
+    tmp_path, monkeypatch
+):
+    loaded, pairs = [], []
+    load, kl = aent.load_model, aent.kl_penalty
+    monkeypatch.setattr(
+        aent, "load_model", lambda name, *a, **k: loaded.append(name) or load(name, *a, **k)
+    )
+    monkeypatch.setattr(aent, "kl_penalty", lambda logp, ref: pairs.append((logp.detach(), ref)) or kl(logp, ref))  # fmt: skip
+    out = tmp_path / "run"
+    aent.train(tiny_args(out, "--lora-rank", "8", "--beta", "0.1", "--steps", "2"))
+    assert loaded == ["tiny"]  # the policy's base, once
+    logp, ref = pairs[0]  # before the first update B = 0: the policy is the base
+    assert torch.equal(logp, ref)
+    assert not torch.equal(*pairs[-1])  # later the adapters move the policy away from it
+    kls = [json.loads(line)["kl_ref"] for line in open(out / "metrics.jsonl")]
+    assert all(k > 0 and math.isfinite(k) for k in kls)
