@@ -2156,14 +2156,8 @@ def test_lora_trains_the_adapters_alone_and_a_step_checkpoint_holds_only_them(tm
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
     step = out / "step_000001"
-    assert (
-        sorted(os.listdir(step / "adapter"))[:2]
-        == [
-            "README.md",
-            "adapter_config.json",
-        ]
-        and not (step / "model.safetensors").exists()
-    )
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(step / "adapter"))
+    assert not (step / "model.safetensors").exists()  # the frozen base is not saved again
     saved = torch.load(step / "optimizer.pt", weights_only=True)
     assert len(saved["state"]) == 28  # AdamW moments for the 28 adapter matrices, nothing else
     assert plumbing.checkpoint_problem(str(step)) is None
