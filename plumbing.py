@@ -463,7 +463,8 @@ def check_same_run(args):
     except ValueError:
         sys.exit(f"error: {path} is damaged; choose another --out-dir")
     now = dataclasses.asdict(args)
-    changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}  # a flag newer than the run
+    changed = [k for k in now if k not in RESUMABLE and saved.get(k, defaults[k]) != now[k]]
     if changed:
         diffs = ", ".join(
             f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4]

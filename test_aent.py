@@ -1504,6 +1504,12 @@ def test_an_output_directory_holding_a_different_run_is_refused(tmp_path):
         ["--model", "tiny", "--steps", "2", "--out-dir", out]
     )  # same settings, more steps: resumes
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    del saved["lora_rank"], saved["lora_alpha"]  # a run from before these flags existed
+    (tmp_path / "run" / "args.json").write_text(json.dumps(saved))
+    aent.main(["--model", "tiny", "--steps", "3", "--out-dir", out])  # resumes: they are defaults
+    assert one_line_exit(aent.main, ["--model", "tiny", "--steps", "4", "--lora-rank", "8",
+                                     "--out-dir", out]).count("--lora-rank")  # fmt: skip
 
 
 @pytest.mark.parametrize(
