@@ -175,6 +175,8 @@ def check_args(args):
         ("clip_high", a.clip_high >= 0, "at least 0"),
         ("dual_clip", a.dual_clip > 1, "above 1"),
         ("beta", a.beta >= 0, "at least 0"),
+        ("lora_rank", a.lora_rank >= 0, "at least 0"),
+        ("lora_alpha", a.lora_alpha > 0, "positive"),
         ("drop_frac", 0 <= a.drop_frac < 1, "in [0, 1)"),
         ("entropy_coef", a.entropy_coef >= 0, "at least 0"),
         ("coef_lr", a.coef_lr >= 0, "at least 0"),

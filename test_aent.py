@@ -659,6 +659,8 @@ def one_line_exit(fn, argv) -> str:
         (["--seed", str(2**70)], "--seed"),
         (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
         (["--long-prompts", "maybe"], "--long-prompts"),
+        (["--lora-rank", "-1"], "--lora-rank must be at least 0"),
+        (["--lora-rank", "8", "--lora-alpha", "0"], "--lora-alpha must be positive"),
     ],
 )
 def test_bad_configuration_is_one_line_error(tmp_path, flags, words):
