@@ -72,7 +72,7 @@ class Args:
     lr: float = arg(2e-6, "AdamW learning rate (constant; with LoRA, 10x this when not given)")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     lora_rank: int = arg(0, "LoRA rank r: train adapters on every linear layer (0: all weights)")
-    lora_alpha: float = arg(32.0, "LoRA scale alpha: a layer computes W x + (alpha / r) B A x")
+    lora_alpha: float = arg(32.0, "LoRA scale alpha: W x + (alpha / r) B A x (the lr assumes 32)")
     max_grad_norm: float = arg(1.0, "gradient-norm clipping threshold")
     clip_low: float = arg(0.2, "PPO clip: the ratio is clipped below at 1 - clip_low")
     clip_high: float = arg(0.2, "PPO clip: the ratio is clipped above at 1 + clip_high")
@@ -143,12 +143,11 @@ def prepare_prompts(problems: list[dict], tokenizer, config, args: Args):
     return plumbing.hold_out(pairs, args.eval_size if args.eval_every else 0, args.seed)
 
 
-# 3. Reward: `grade` and `extract_answer`, from grader.py (math-verify does the mathematics) -------
-# 4. Model -----------------------------------------------------------------------------------------
+# 3. Reward: `grade` from grader.py (math-verify does the mathematics). 4. Model -------------------
 def load_model(name: str, device: torch.device, seed: int = 0, dtype=torch.float32):
-    """(model, tokenizer) from the hub, a local directory, or 'tiny'. Training keeps fp32 weights:
+    """(model, tokenizer) from the hub, a local directory, or 'tiny'. Trained weights stay fp32:
     on GPU the passes run under bf16 autocast, because bf16 weights would round away updates of
-    the size lr = 2e-6 makes. Evaluation may load bf16 weights."""
+    the size lr = 2e-6 makes. A frozen LoRA base and evaluation may load bf16 weights."""
     if name == "tiny":
         model, tokenizer = plumbing.build_tiny(seed)
     else:  # AutoModelForCausalLM and AutoTokenizer .from_pretrained (pad = EOS if it has none)
@@ -406,9 +405,10 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
     micro = torch.arange(B).split(args.micro_batch_size)
     model.eval()
     old_logp = None if on_policy else torch.cat([stats(model, r, "skip")[0] for r in micro])
-    with model.disable_adapter() if args.lora_rank and args.beta else contextlib.nullcontext():
-        ref = ref_model or model  # --beta's reference: the initial model, or the LoRA base
-        ref_logp = torch.cat([stats(ref, r, "skip")[0] for r in micro]) if args.beta else None
+    ref_logp = None
+    if args.beta:  # the reference: ref_model (the initial model), or with LoRA this model's base
+        with model.disable_adapter() if ref_model is None else contextlib.nullcontext():
+            ref_logp = torch.cat([stats(ref_model or model, r, "skip")[0] for r in micro])
     model.train()
 
     logged, updates, skipped = [], 0, 0  # logged: (tokens, stats) per micro-batch

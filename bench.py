@@ -217,7 +217,9 @@ def run_trl(p, model_dir, work, device):
         seed=0,
         disable_tqdm=True,
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    frozen_bf16 = p.get("lora_rank") and device.type == "cuda"  # as aent.py's LoRA base
+    dtype = torch.bfloat16 if frozen_bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     peft_config = None
     if p.get("lora_rank"):  # the same adapters as aent.py's: every linear layer, alpha 32
         from peft import LoraConfig

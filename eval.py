@@ -138,11 +138,11 @@ def training_settings(model: str) -> dict:
 
 
 def load_checkpoint(model: str, device: torch.device):
-    """(model, tokenizer) of a hub id or a directory; a step checkpoint of an aent.py LoRA run
-    (adapters alone) is its run's base with those adapters, as training used it."""
+    """(model, tokenizer) of a hub id or a directory. A checkpoint of an aent.py LoRA run is its
+    run's base with the checkpoint's adapter/, unmerged, as training ran it: the merged final/
+    in bf16 (or under bf16 autocast) would round away much of the adapters' small update."""
     saved = run_args(model)
-    adapters_alone = not os.path.exists(os.path.join(model, "config.json"))
-    if saved.get("lora_rank") and adapters_alone and os.path.isdir(os.path.join(model, "adapter")):
+    if saved.get("lora_rank") and os.path.isdir(os.path.join(model, "adapter")):
         fields = {f.name for f in dataclasses.fields(aent.Args)}
         train_args = aent.Args(**{k: v for k, v in saved.items() if k in fields})
         return aent.load_policy(train_args, device, resume=model)

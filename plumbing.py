@@ -4,6 +4,7 @@ tiny model of the offline CPU demo."""
 
 import argparse
 import atexit
+import copy
 import dataclasses
 import fcntl
 import json
@@ -638,8 +639,8 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
     absent; older step checkpoints beyond --keep-last are deleted. Rank 0 alone writes.
 
     With LoRA (a peft model) the weights are the adapters, in adapter/; final/ also holds the
-    merged model, a plain one, in fp32: the merge is done in place on the CPU (the run is
-    over) and into fp32, since bf16 base weights would round away much of a small update."""
+    merged model, a plain one, in fp32, since bf16 base weights would round away much of a
+    small update. The model being trained is left as it was."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         sys.exit(
             f"error: the weights are no longer finite after step {state['step']} (is --lr too "
@@ -658,8 +659,10 @@ def save_checkpoint(args, model, tokenizer, optimizer, state: dict, final: bool 
         lora = hasattr(model, "get_base_model")  # a peft model
         if lora:
             model.save_pretrained(os.path.join(tmp, "adapter"))
-        if final or not lora:
-            merged = model.to("cpu", torch.float32).merge_and_unload() if lora else model
+        if final or not lora:  # with LoRA: the adapters merged into an fp32 copy on the CPU
+            merged = (
+                copy.deepcopy(model).to("cpu", torch.float32).merge_and_unload() if lora else model
+            )
             merged.save_pretrained(tmp)
             add_legacy_rope_theta(tmp)
         save_tokenizer(tokenizer, tmp)

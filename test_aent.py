@@ -2118,11 +2118,19 @@ def test_lora_demo_learns_and_its_final_is_a_plain_model_with_the_adapters_merge
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    import eval as ev
+
     out = tmp_path / "lora"
-    aent.train(aent.parse_args(["--model", "tiny", "--lora-rank", "8", "--out-dir", str(out)]))
+    args = aent.parse_args(["--model", "tiny", "--lora-rank", "8", "--out-dir", str(out)])
+    model = aent.train(args)
     rewards = [json.loads(line)["reward"] for line in open(out / "metrics.jsonl")]
     assert len(rewards) == aent.TINY_DEMO["steps"]
     assert sum(rewards[-10:]) / 10 >= sum(rewards[:10]) / 10 + 0.2
+    base = lora_base().state_dict()  # after 150 steps and the merge into final/: untouched
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            plain = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base[plain]), name
 
     final = out / "final"
     assert not (final / "adapter_config.json").exists()  # from_pretrained sees a plain model
@@ -2132,6 +2140,10 @@ def test_lora_demo_learns_and_its_final_is_a_plain_model_with_the_adapters_merge
     ids = torch.randint(3, 99, (4, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+        trained = model(ids).logits  # the model as training left it
+        assert torch.equal(adapted(ids).logits, trained)
+        scored, _ = ev.load_checkpoint(str(final), torch.device("cpu"))  # eval.py: unmerged
+        assert torch.equal(scored(ids).logits, trained)
 
     # the merge added (alpha / r) B A to each adapted layer; every other tensor is the base's
     base, weights = lora_base().state_dict(), load_file(final / "model.safetensors")
