@@ -19,7 +19,7 @@ entropy coefficient, eta its step size (--coef-lr), beta the weight of an option
     python aent.py --model Qwen/Qwen2.5-Math-1.5B      # the paper's recipe, scaled to one GPU
     torchrun --nproc_per_node 8 aent.py --recipe r1-distill   # the second published setting
     python aent.py --model tiny                        # offline CPU demo on a toy task
-    python aent.py --lora-rank 32 --rollout-batch-size 64 --micro-batch-size 4   # a 24 GB GPU
+    python aent.py --lora-rank 32 --rollout-batch-size 64   # LoRA: the 1.5B model on 24 GB
 """
 
 import contextlib
