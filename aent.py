@@ -8,13 +8,15 @@ each line a function of this file, in the order it reads:
   3. group_advantages     A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
   4. clamped_entropy      H~(s) = entropy of softmax(logits / temperature) renormalised over the
                           kept set A_k: the lowest-logit fraction p of the vocabulary is dropped
-  5. policy_loss          L = L_PPO-clip(ratio, A) - lambda * mean_t H~(s_t), token-mean (+ bonus)
+  5. aent_loss            L = L_PPO-clip(ratio, A) - lambda * mean_t H~(s_t), token-means
+                          (policy_loss is the PPO term alone)
   6. update_entropy_coef  lambda <- clip(lambda - eta * (min(0, H~ - H_low) + max(0, H~ - H_high)),
                                      lambda_min, lambda_max), once per step
 
-`--entropy none` is plain GRPO, `--entropy full` the conventional full-vocabulary bonus,
-`--entropy clamped` (the default) with `--adaptive-coef` is AEnt. Symbols: lambda is the
-entropy coefficient, eta its step size (--coef-lr), beta the weight of an optional KL penalty.
+`--entropy none` is plain GRPO; `--entropy full` the conventional bonus on the full-vocabulary
+entropy H; `--entropy clamped` (the default) with `--adaptive-coef` is AEnt. Symbols: lambda is
+the entropy coefficient, eta its step size (--coef-lr), beta the weight of an optional KL penalty.
+The support/ package holds what a run needs besides the method (flags, data, checkpoints, ...).
 
     python aent.py --model Qwen/Qwen2.5-Math-1.5B      # the paper's recipe, scaled to one GPU
     torchrun --nproc_per_node 8 aent.py --recipe r1-distill   # the second published setting
@@ -28,7 +30,7 @@ import time
 
 if __name__ == "__main__":  # Ctrl-C while the libraries import: exit quietly, no traceback
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -36,12 +38,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-import plumbing
-from grader import extract_answer, grade  # noqa: F401  (part of this module's interface)
-from plumbing import HUB_DATASETS, RECIPES, TINY_DEMO, StopRequest, load_problems  # noqa: F401
+from grader import grade
+from support import checkpoints, cli, data, models, rundir
+from support import distributed as dist
+from support.signals import StopRequest
 
 
-# 1. Arguments -------------------------------------------------------------------------------------
+# Arguments ----------------------------------------------------------------------------------------
 def arg(default, help, **kw):
     return field(default=default, metadata=dict(help=help, **kw))
 
@@ -49,11 +52,13 @@ def arg(default, help, **kw):
 @dataclass
 class Args:
     # model and data
-    recipe: Optional[str] = arg(None, "a published setting for flags not given", choices=RECIPES)
+    recipe: Optional[str] = arg(
+        None, "a published setting for flags not given", choices=cli.RECIPES
+    )
     model: str = arg("Qwen/Qwen2.5-Math-1.5B", "hub id, local directory, or 'tiny' (CPU demo)")
     dataset: str = arg("math", "gsm8k, math, math500, toy, or a local .jsonl/.parquet file")
     split: str = arg("train", "split of a hub dataset")
-    prompt: str = arg("qwen-math", "prompt style (see build_prompt)", choices=plumbing.PROMPTS)
+    prompt: str = arg("qwen-math", "prompt style (see build_prompt)", choices=cli.PROMPTS)
     out_dir: str = arg("runs/aent", "where metrics.jsonl, samples.jsonl and checkpoints go")
     seed: int = arg(0, "seed of the data order, the sampling and the tiny model's weights")
     # rollout
@@ -81,11 +86,13 @@ class Args:
     beta: float = arg(0.0, "weight beta of a KL penalty to the initial model (0: none loaded)")
     mask_truncated: bool = arg(False, "leave completions cut at max_new_tokens out of the loss")
     # entropy bonus
-    entropy: str = arg("clamped", "none (GRPO), full or clamped (AEnt)", choices=plumbing.BONUSES)
-    drop_frac: float = arg(0.33, "clamped entropy: fraction p of the vocabulary dropped")
-    top_k: Optional[int] = arg(None, "clamped entropy: keep the k highest logits instead")
+    entropy: str = arg("clamped", "the bonus: none (GRPO), full (-lambda H, the whole vocabulary) "
+                       "or clamped (-lambda H~, AEnt)", choices=cli.BONUSES)  # fmt: skip
+    drop_frac: float = arg(0.33, "kept set of H~: drop the fraction p of lowest logits")
+    keep_top_k: Optional[int] = arg(None, "kept set of H~: keep the k highest logits instead")
     entropy_coef: float = arg(0.002, "initial entropy coefficient lambda_0")
-    adaptive_coef: bool = arg(True, "adapt lambda towards the band [h_low, h_high] (no: fixed)")
+    adaptive_coef: bool = arg(True, "adapt lambda to keep the bonus's entropy (H~, or H with "
+                              "--entropy full) in [h_low, h_high] (no: fixed lambda)")  # fmt: skip
     h_low: float = arg(0.15, "lower edge H_low of the target band of the bonus entropy")
     h_high: float = arg(0.24, "upper edge H_high of the target band")
     coef_lr: float = arg(0.002, "step size eta of the coefficient update")
@@ -105,17 +112,12 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    """Args from the command line; flags not given take TINY_DEMO's values with --model tiny,
-    a recipe's with --recipe (RECIPES in plumbing.py: the authors' published settings)."""
-    given = plumbing.given_flags(Args, argv, __doc__)  # {field: value} of the flags given
-    preset = TINY_DEMO if given.get("model") == "tiny" else RECIPES.get(given.get("recipe"), {})
-    args = Args(**{**preset, **given})
-    if args.lora_rank and "lr" not in given and args.model != "tiny":  # LoRA's best lr is ~10x
-        args.lr = round(args.lr * 10, 12)  # full FT's at alpha 32, any rank (Schulman et al. 2025)
-    return args
+    """Args from the command line. Flags not given take the CPU demo's values with --model tiny,
+    a published recipe's with --recipe; with LoRA the lr is 10x (support/cli.py says why)."""
+    return cli.parse_args(Args, argv, __doc__)
 
 
-# 2. Data and prompt -------------------------------------------------------------------------------
+# Data and prompt ----------------------------------------------------------------------------------
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 VERL_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
@@ -133,48 +135,7 @@ def build_prompt(tokenizer, question: str, style: str = "qwen-math") -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prepare_prompts(problems: list[dict], tokenizer, config, args: Args):
-    """(prompt, gold) pairs to train on and, with --eval-every, the held-out ones."""
-    context = getattr(config, "max_position_embeddings", None)
-    prompts = [build_prompt(tokenizer, p["question"], args.prompt) for p in problems]
-    lengths = plumbing.prompt_lengths(tokenizer, prompts, args.max_prompt_tokens)
-    keep = plumbing.check_prompt_lengths(lengths, context, args)  # skips or stops on long ones
-    pairs = [(prompts[i], problems[i]["gold"]) for i in keep]
-    return plumbing.hold_out(pairs, args.eval_size if args.eval_every else 0, args.seed)
-
-
-# 3. Reward: `grade` from grader.py (math-verify does the mathematics). 4. Model -------------------
-def load_model(name: str, device: torch.device, seed: int = 0, dtype=torch.float32):
-    """(model, tokenizer) from the hub, a local directory, or 'tiny'. Trained weights stay fp32:
-    on GPU the passes run under bf16 autocast, because bf16 weights would round away updates of
-    the size lr = 2e-6 makes. A frozen LoRA base and evaluation may load bf16 weights."""
-    if name == "tiny":
-        model, tokenizer = plumbing.build_tiny(seed)
-    else:  # AutoModelForCausalLM and AutoTokenizer .from_pretrained (pad = EOS if it has none)
-        model, tokenizer = plumbing.from_pretrained(name, dtype)
-    tokenizer.padding_side = "left"  # generate appends to the right end of every row
-    return model.to(device=device, dtype=dtype), tokenizer
-
-
-def load_policy(args: Args, device: torch.device, resume: Optional[str] = None):
-    """(model to train, tokenizer): all weights in fp32, from the checkpoint when resuming; or,
-    with --lora-rank, the base frozen (in bf16 on a GPU: it never changes) with fp32 adapters
-    on every linear layer from peft, B = 0 at the start, from the checkpoint's adapter/."""
-    if not args.lora_rank:
-        return load_model(resume or args.model, device, args.seed)
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base, tokenizer = load_model(args.model, device, args.seed, dtype)
-    if args.model == "tiny":  # the CPU demo: a random head cannot be confident (see there)
-        plumbing.confident_tiny_head(base)
-    if resume:
-        return PeftModel.from_pretrained(base, f"{resume}/adapter", is_trainable=True), tokenizer
-    torch.manual_seed(args.seed)  # A's random initialisation
-    lora = dict(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0)
-    return get_peft_model(base, LoraConfig(**lora, target_modules="all-linear")), tokenizer
-
-
+# Model: loaded by support/models.py (load_policy: fp32 weights, or a LoRA base + adapters) ------
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's and the checkpoint's EOS, and Qwen's
     <|im_end|> and <|endoftext|> (base models end on the latter, chat turns on the former)."""
@@ -189,7 +150,7 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-# 5. Rollout ---------------------------------------------------------------------------------------
+# Step 1: rollout ---------------------------------------------------------------------------------
 def completion_mask(completion_ids: torch.Tensor, eos_ids) -> torch.Tensor:
     """1 up to and including the first EOS, 0 after: by position, never by pad id (pad may be EOS).
 
@@ -207,14 +168,11 @@ def generation_config(tokenizer, eos_ids, max_new_tokens, temperature=1.0, top_p
 
     sample = temperature > 0
     return GenerationConfig(
-        do_sample=sample,
-        temperature=temperature if sample else 1.0,
-        top_p=top_p if sample else 1.0,
-        top_k=top_k if sample else None,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=list(eos_ids),
+        do_sample=sample, temperature=temperature if sample else 1.0,
+        top_p=top_p if sample else 1.0, top_k=top_k if sample else None,
+        max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
         pad_token_id=tokenizer.pad_token_id,
-    )
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -259,7 +217,8 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size=1, batch_size=
     }
 
 
-# 6. Group advantages ------------------------------------------------------------------------------
+# Step 2: reward, `grade` from grader.py (math-verify does the mathematics) -----------------------
+# Step 3: group advantages ------------------------------------------------------------------------
 def group_advantages(rewards, group_size: int, scale: bool = True, eps: float = 1e-6):
     """A_i = (r_i - mean_group(r)) / (std_group(r) + eps), groups of group_size contiguous rewards.
 
@@ -272,7 +231,7 @@ def group_advantages(rewards, group_size: int, scale: bool = True, eps: float = 
     return adv.view(-1)  # [N*G]
 
 
-# 7. Clamped entropy and per-token log-probs -------------------------------------------------------
+# Step 4: clamped entropy, with the per-token log-probs --------------------------------------------
 def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optional[int] = None):
     """H~(s) = -sum_{a in A_k} pi~(a) log pi~(a),  pi~(a) = pi(a) / sum_{a' in A_k} pi(a').
 
@@ -290,14 +249,12 @@ def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optiona
     return -(logp.exp() * logp).sum(-1)  # [...]
 
 
-def head_stats(
-    hidden, targets, weight, bias, temperature, drop_frac, top_k, chunk, entropies="bonus"
-):
+def head_stats(hidden, targets, weight, bias, temperature, drop_frac, top_k, chunk, entropies=True):
     """log pi(y), H~ and H of N tokens, from fp32 logits (hidden W^T + b) / temperature.
 
-    hidden [N, D] (the states that predict the tokens), targets [N] -> three [N] tensors.
-    entropies="bonus": H~ carries gradient; "log": H~ and H are values only; "skip": log pi(y)
-    alone (entropies 0). H never carries gradient. `chunk` tokens at a time, each under
+    hidden [N, D] (the states that predict the tokens), targets [N] -> three [N] tensors. log pi(y)
+    and H~ carry gradient, H is a value to log; with entropies=False, log pi(y) alone (zeros for
+    the others), for passes that only score. `chunk` tokens at a time, each under
     torch.utils.checkpoint: a chunk's [chunk, V] logits are freed after its forward and
     recomputed in the backward, so memory stays flat in N.
     """
@@ -307,12 +264,11 @@ def head_stats(
             b = None if bias is None else bias.float()
             logits = F.linear(h.float(), weight.float(), b) / temperature  # [C, V]
         logp = logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)  # [C]
-        if entropies == "skip":
+        if not entropies:
             return logp, torch.zeros_like(logp), torch.zeros_like(logp)
-        with torch.set_grad_enabled(entropies == "bonus" and torch.is_grad_enabled()):
-            h_clamped = clamped_entropy(logits, drop_frac, top_k)  # [C]
-        with torch.no_grad():
-            return logp, h_clamped, clamped_entropy(logits)  # nothing dropped: H
+        with torch.no_grad():  # a value: a graph the loss never uses would hold memory
+            h_full = clamped_entropy(logits)  # nothing dropped: H
+        return logp, clamped_entropy(logits, drop_frac, top_k), h_full
 
     chunks = zip(hidden.split(chunk), targets.split(chunk))
     parts = [checkpoint(stats, h, y, use_reentrant=False) for h, y in chunks]
@@ -320,7 +276,7 @@ def head_stats(
 
 
 def token_stats(
-    model, input_ids, attention_mask, mask, temperature, drop_frac, top_k, chunk, entropies="bonus"
+    model, input_ids, attention_mask, mask, temperature, drop_frac, top_k, chunk, entropies=True
 ):
     """log pi(y_t), H~(s_t) and H(s_t) per completion token: three [B, T], 0 where mask is 0.
     The head runs at completion positions only, through `head_stats`."""
@@ -332,19 +288,21 @@ def token_stats(
     hidden = hidden[:, -T - 1 : -1][keep]  # [N, D] the states that predict completion tokens
     targets = input_ids[:, -T:][keep]  # [N]
     head = model.get_output_embeddings()
-    setting = (temperature, drop_frac, top_k, chunk, entropies)
-    stats = head_stats(hidden, targets, head.weight, head.bias, *setting)
+    stats = head_stats(
+        hidden, targets, head.weight, head.bias, temperature, drop_frac, top_k, chunk, entropies
+    )
     zeros = torch.zeros(mask.shape, device=mask.device)  # [B, T]
     return tuple(zeros.masked_scatter(keep, x) for x in stats)  # 3 x [B, T]
 
 
-# 8. Policy loss -----------------------------------------------------------------------------------
+# Step 5: the loss ---------------------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
-    """PPO-clip with dual clip, token-mean over mask. logp, old_logp, mask [B, T]; adv [B].
+    """L_PPO-clip with dual clip, token-mean over mask: the PPO term of `aent_loss`, no bonus.
+    logp, old_logp, mask [B, T]; adv [B].
 
     r_t = exp(logp - old_logp);  l_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)),
     and for A < 0, l_t = min(l_t, -c A). Returns (loss, stats): clip_frac, dual_clip_frac and
@@ -365,13 +323,27 @@ def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_cli
     return masked_mean(loss_dual, mask), stats
 
 
-def kl_penalty(logp, ref_logp):
-    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
+def aent_loss(logp, old_logp, adv, mask, entropy, coef, clip_low=0.2, clip_high=0.2,
+              dual_clip=3.0, ref_logp=None, beta=0.0):  # fmt: skip
+    """The whole loss of step 5: L = L_PPO-clip - lambda * mean_t H~(s_t) [+ beta * mean_t KL_t],
+    each a token-mean over mask [B, T]. entropy [B, T] is the bonus's entropy per token (H~, or
+    H for the conventional bonus), coef is lambda (0: no bonus, and no gradient through the
+    entropy); ref_logp [B, T] a reference model's log-probs for the KL penalty (None: none),
+    per token the k3 estimator exp(ref - logp) - (ref - logp) - 1 >= 0 of KL(pi || pi_ref).
+    Returns (loss, stats): policy_loss's stats, and kl with a reference."""
+    loss, stats = policy_loss(
+        logp, old_logp, adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
+    )
+    if coef:
+        loss = loss - coef * masked_mean(entropy, mask)
+    if ref_logp is not None:
+        d = ref_logp - logp  # [B, T]
+        stats["kl"] = masked_mean(torch.exp(d) - d - 1, mask)
+        loss = loss + beta * stats["kl"]
+    return loss, stats
 
 
-# 9. Coefficient update ----------------------------------------------------------------------------
+# Step 6: the coefficient update -------------------------------------------------------------------
 def update_entropy_coef(coef, entropy, h_low, h_high, lr, coef_min, coef_max) -> float:
     """lambda <- clip(lambda - eta (min(0, H~ - H_low) + max(0, H~ - H_high)), lambda_min,
     lambda_max), eta = lr, H~ = entropy: below the band lambda rises, above it falls."""
@@ -379,24 +351,29 @@ def update_entropy_coef(coef, entropy, h_low, h_high, lr, coef_min, coef_max) ->
     return float(min(max(coef - lr * step, coef_min), coef_max))
 
 
-# 10. The training loop ----------------------------------------------------------------------------
+# The training loop --------------------------------------------------------------------------------
 UPDATE_STATS = "loss clip_frac dual_clip_frac approx_kl kl entropy_clamped entropy_full".split()
+SHOWN = dict(reward="reward {:.3f}", entropy_clamped="H~ {:.3f}", entropy_full="H {:.3f}",
+             entropy_coef="coef {:.4g}", clip_frac="clip {:.3f}", response_len="len {:.0f}",
+             step_time="{:.1f}s", eval_accuracy="held-out accuracy {:.3f}")  # fmt: skip
 
 
-def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None, bad_streak=0):
+def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None):
     """PPO epochs over this rank's rollouts: minibatches of whole groups, micro-batches inside,
     each weighted by its share of the minibatch's tokens on all ranks (mask [B, T]), so the loss
-    is a token-mean. A non-finite update is skipped. Returns token-means of the loss terms."""
+    is a token-mean. A non-finite update is skipped. Returns token-means of the loss terms, and
+    `applied`: for each optimizer update, whether it was taken."""
     G, B = args.group_size, mask.size(0)
     n_tokens = mask.sum(1).tolist()  # [B] on the host: no sync per micro-batch
-    # --entropy full keeps every token: its "clamped" entropy is the full one
-    drop_frac, top_k = (0.0, None) if args.entropy == "full" else (args.drop_frac, args.top_k)
-    setting = (args.temperature, drop_frac, top_k, args.logits_chunk)
 
-    def stats(net, rows, entropies):  # log pi, H~, H of the rows' completion tokens, [b, T] each
-        ids, attn = roll["input_ids"][rows], roll["attention_mask"][rows]
-        with torch.set_grad_enabled(entropies != "skip"), autocast(adv.device):
-            return token_stats(net, ids, attn, mask[rows], *setting, entropies)
+    # the bonus's kept set: --entropy full keeps every token (its H~ is H)
+    drop_frac, top_k = (0.0, None) if args.entropy == "full" else (args.drop_frac, args.keep_top_k)
+
+    def stats(net, rows, entropies=True):  # log pi, H~, H of the rows' completion tokens
+        ids, attn, m = roll["input_ids"][rows], roll["attention_mask"][rows], mask[rows]
+        with autocast(adv.device):
+            return token_stats(net, ids, attn, m, args.temperature, drop_frac, top_k,
+                               args.logits_chunk, entropies)  # fmt: skip
 
     # With one update per step the policy is still the rollout policy when the loss is taken,
     # so the old log-probs are the update's own, detached; otherwise they are scored first.
@@ -404,19 +381,22 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
     mb_rows = args.mini_batch_prompts * B // args.prompts_per_step  # this rank's share (of all B)
     micro = torch.arange(B).split(args.micro_batch_size)
     model.eval()
-    old_logp = None if on_policy else torch.cat([stats(model, r, "skip")[0] for r in micro])
-    ref_logp = None
-    if args.beta:  # the reference: ref_model (the initial model), or with LoRA this model's base
-        with model.disable_adapter() if ref_model is None else contextlib.nullcontext():
-            ref_logp = torch.cat([stats(ref_model or model, r, "skip")[0] for r in micro])
+    with torch.no_grad():
+        old_logp = None if on_policy else torch.cat([stats(model, r, False)[0] for r in micro])
+        ref_logp = None
+        if args.beta:  # the reference: ref_model (the initial model), or with LoRA the base
+            with model.disable_adapter() if ref_model is None else contextlib.nullcontext():
+                ref_logp = torch.cat([stats(ref_model or model, r, False)[0] for r in micro])
     model.train()
 
-    logged, updates, skipped = [], 0, 0  # logged: (tokens, stats) per micro-batch
+    terms = dict(clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
+                 beta=args.beta)  # fmt: skip
+    logged, applied = [], []  # logged: (tokens, stats) per micro-batch
     for _ in range(args.ppo_epochs):
         order = torch.randperm(B // G)  # shuffle groups, keep each group whole
         rows_by_group = (order[:, None] * G + torch.arange(G)).view(-1)  # [B]
         for mb in rows_by_group.split(mb_rows):
-            mb_tokens = plumbing.all_sum(sum(n_tokens[i] for i in mb.tolist())).item()  # all ranks
+            mb_tokens = dist.all_sum(sum(n_tokens[i] for i in mb.tolist())).item()  # all ranks
             if mb_tokens == 0:  # every completion masked out (--mask-truncated): nothing to learn
                 continue
             finite = True
@@ -424,71 +404,78 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None,
                 m, n = mask[rows], sum(n_tokens[i] for i in rows.tolist())  # m [b, T]
                 if n == 0:
                     continue
-                logp, h_clamped, h_full = stats(model, rows, "bonus" if coef else "log")
+                logp, h_clamped, h_full = stats(model, rows)  # [b, T] each
                 old = logp.detach() if on_policy else old_logp[rows]  # [b, T]
-                clip = (args.clip_low, args.clip_high, args.dual_clip)
-                loss, st = policy_loss(logp, old, adv[rows], m, *clip)
-                st["entropy_clamped"] = masked_mean(h_clamped, m)
-                st["entropy_full"] = masked_mean(h_full, m)
-                if coef:  # the entropy bonus
-                    loss = loss - coef * st["entropy_clamped"]
-                if ref_logp is not None:
-                    st["kl"] = masked_mean(kl_penalty(logp, ref_logp[rows]), m)
-                    loss = loss + args.beta * st["kl"]
+                ref = None if ref_logp is None else ref_logp[rows]  # [b, T]
+                loss, st = aent_loss(
+                    logp, old, adv[rows], m, h_clamped, coef, ref_logp=ref, **terms
+                )
                 (loss * (n / mb_tokens)).backward()  # the micro-batch's share of the token-mean
                 finite = finite & torch.isfinite(loss)  # a tensor: no sync here
-                logged.append((n, {**st, "loss": loss}))
-            plumbing.sum_gradients(model)  # over ranks: the whole minibatch's token-mean
+                st.update(loss=loss, entropy_full=masked_mean(h_full, m))
+                if args.entropy != "full":  # nothing is clamped there
+                    st["entropy_clamped"] = masked_mean(h_clamped, m)
+                logged.append((n, st))
+            dist.sum_gradients(model)  # over ranks: the whole minibatch's token-mean
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            if plumbing.all_sum(~(finite & torch.isfinite(norm))) == 0:  # finite on every rank
+            ok = bool(dist.all_sum(~(finite & torch.isfinite(norm))) == 0)  # on every rank
+            if ok:
                 opt.step()
-                updates, bad_streak = updates + 1, 0
-            else:
-                skipped, bad_streak = skipped + 1, bad_streak + 1
-                plumbing.stop_if_diverged(bad_streak, args)
+            applied.append(ok)
             opt.zero_grad(set_to_none=True)
-    total, out = plumbing.all_sum(sum(n for n, _ in logged)), {}
-    for k in UPDATE_STATS:  # token-means over the step and every rank (nan if none was logged)
-        weighted = sum(n * s[k].detach() for n, s in logged if k in s)
-        out[k] = (plumbing.all_sum(weighted) / total).item()
-    return {**out, "updates": updates, "skipped": skipped, "bad_streak": bad_streak}
+    out = {}
+    for k in UPDATE_STATS:  # token-means over the step and every rank (None if never logged)
+        tokens = dist.all_sum(sum(n for n, s in logged if k in s)).item()
+        weighted = dist.all_sum(sum(n * s[k].detach() for n, s in logged if k in s))
+        out[k] = (weighted / tokens).item() if tokens else None
+    return {**out, "applied": applied}
 
 
 def train(args: Args, stop: Optional[StopRequest] = None):
     """Train, or resume the run in args.out_dir. Returns the model (None if nothing was left)."""
-    plumbing.check_args(args)
+    cli.check_args(args)
     stop = stop or StopRequest()
-    rank, world, device = plumbing.init_distributed()  # (0, 1, cuda or cpu) without torchrun
-    resume, state = plumbing.resume_point(args)  # the newest checkpoint of this run, if any
+    rank, world, device = dist.init_distributed()  # (0, 1, cuda or cpu) without torchrun
+    settings, defaults = asdict(args), {f.name: f.default for f in fields(Args)}
+    rundir.claim(args.out_dir, settings, defaults)  # locked, and holding this run or none
+    resume, state = checkpoints.resume_point(args.out_dir)  # its newest intact checkpoint, if any
     if state and state["step"] >= args.steps:
         print(f"nothing to do: {resume} already holds step {state['step']} of {args.steps}")
         return None
-    problems = load_problems(args.dataset, args.split)  # data errors come before the model loads
-    model, tokenizer = load_policy(args, device, resume)
-    pairs, held_out = prepare_prompts(problems, tokenizer, model.config, args)  # (prompt, gold)
+    problems = data.load_problems(args.dataset, args.split)  # data errors before the model loads
+    lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+    model, tokenizer = models.load_policy(args.model, device, args.seed, **lora, resume=resume)
+    context = getattr(model.config, "max_position_embeddings", None)
+    prompts = [build_prompt(tokenizer, p["question"], args.prompt) for p in problems]
+    pairs, held_out = data.training_pairs(  # (prompt, gold): those that fit, and held-out ones
+        prompts, [p["gold"] for p in problems], tokenizer, context, args.max_prompt_tokens,
+        args.max_new_tokens, args.long_prompts, args.eval_size if args.eval_every else 0, args.seed,
+    )  # fmt: skip
     eos = stop_token_ids(model, tokenizer)
     sampling = generation_config(tokenizer, eos, args.max_new_tokens, args.temperature, args.top_p)
     greedy = generation_config(tokenizer, eos, args.max_new_tokens, temperature=0)
     initial = args.beta and not args.lora_rank  # LoRA's reference is its base: nothing to load
-    ref_model = load_model(args.model, device, args.seed)[0].eval() if initial else None
+    ref_model = models.load_model(args.model, device, args.seed)[0].eval() if initial else None
     if args.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     start, coef, bad_streak = 0, (0.0 if args.entropy == "none" else args.entropy_coef), 0
     if state:  # the weights came with the model; the optimizer and counters from here
-        start, coef, bad_streak = plumbing.restore(resume, state, opt)  # and says so
-    plumbing.start_logs(args, start)  # args.json; logs cut back to the checkpoint's step
+        start, coef, bad_streak = checkpoints.restore(resume, state, opt)  # and says so
+    rundir.start_logs(args.out_dir, settings, start)  # args.json; logs cut back to `start`
     print(f"model {args.model} on {device} | {len(pairs)} problems | bonus: {args.entropy}")
 
     G, adaptive = args.group_size, args.entropy != "none" and args.adaptive_coef
-    band = (args.h_low, args.h_high, args.coef_lr, args.coef_min, args.coef_max)
+    bonus_entropy = "entropy_full" if args.entropy == "full" else "entropy_clamped"  # the band's
+    band = dict(h_low=args.h_low, h_high=args.h_high, lr=args.coef_lr, coef_min=args.coef_min,
+                coef_max=args.coef_max)  # fmt: skip
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=None)
     for step in bar:
         t0 = time.time()
-        torch.manual_seed(plumbing.step_seed(args.seed, step, rank))  # a function of the step
+        torch.manual_seed(data.step_seed(args.seed, step, rank))  # a function of the step
         # rollout, reward and group advantages of this rank's share of the step's prompts
-        idx = plumbing.step_batch(len(pairs), args.prompts_per_step, step, args.seed)[rank::world]
+        idx = data.step_batch(len(pairs), args.prompts_per_step, step, args.seed)[rank::world]
         prompts, golds = [pairs[i][0] for i in idx], [pairs[i][1] for i in idx for _ in range(G)]
         roll = rollout(model, tokenizer, prompts, sampling, G, args.rollout_batch_size)
         rewards = torch.tensor([grade(c, g) for c, g in zip(roll["completions"], golds)])  # [B]
@@ -497,23 +484,24 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         t_rollout = time.time() - t0
 
         # policy update with the entropy bonus, then the coefficient update
-        upd = policy_update(model, opt, roll, mask, adv, coef, args, ref_model, bad_streak)
-        coef_used, bad_streak, h = coef, upd["bad_streak"], upd["entropy_clamped"]
-        if adaptive and step + 1 >= args.coef_warmup and upd["updates"]:
-            coef = update_entropy_coef(coef, h, *band)
+        upd = policy_update(model, opt, roll, mask, adv, coef, args, ref_model)
+        bad_streak = checkpoints.stop_if_diverged(  # non-finite updates, --max-bad-updates in a row
+            upd["applied"], bad_streak, args.max_bad_updates, args.out_dir
+        )
+        coef_used = coef
+        if adaptive and step + 1 >= args.coef_warmup and any(upd["applied"]):
+            coef = update_entropy_coef(coef, upd[bonus_entropy], **band)
 
         seen = torch.stack([rewards, roll["mask"].sum(1).cpu(), roll["truncated"].cpu()], 1)
-        all_rewards, lengths, truncated = plumbing.gather(seen.float()).T  # every rank's [B]
+        all_rewards, lengths, truncated = dist.gather(seen.float()).T  # every rank's [B]
         groups = all_rewards.view(-1, G)  # [N, G]
-        metrics = {
+        m = {
             "step": step + 1,
             "reward": all_rewards.mean().item(),
-            "entropy_clamped": h,
-            "entropy_full": upd["entropy_full"],
             "entropy_coef": coef_used,
-            **{k: upd[k] for k in ("clip_frac", "dual_clip_frac", "approx_kl", "loss")},
-            "kl_ref": upd["kl"] if args.beta else None,
-            "skipped_updates": upd["skipped"],
+            **{k: upd[k] for k in UPDATE_STATS if k != "kl"},  # token-means over the update
+            "kl_ref": upd["kl"],
+            "skipped_updates": upd["applied"].count(False),
             "response_len": lengths.mean().item(),
             "truncated_frac": truncated.mean().item(),
             "zero_var_frac": (groups.max(1).values == groups.min(1).values).float().mean().item(),
@@ -524,14 +512,21 @@ def train(args: Args, stop: Optional[StopRequest] = None):
             eval_prompts, eval_golds = zip(*held_out)
             texts = rollout(model, tokenizer, eval_prompts, greedy, 1, args.rollout_batch_size)
             scores = list(map(grade, texts["completions"], eval_golds))
-            metrics["eval_accuracy"] = sum(scores) / len(scores)
-        plumbing.log_step(args, metrics, roll["completions"], prompts, golds, rewards, tqdm.write)
+            m["eval_accuracy"] = sum(scores) / len(scores)
+        rundir.log_step(args.out_dir, m, SHOWN, tqdm.write)  # metrics.jsonl and a printed line
+        if rundir.sample_due(step + 1, args.sample_every, args.steps):  # 3 to samples.jsonl
+            texts = roll["completions"]
+            rundir.log_samples(
+                args.out_dir, step + 1, prompts, texts, golds, rewards, G, tqdm.write
+            )
 
         done = step + 1 == args.steps
-        stopping = plumbing.all_sum(bool(stop.requested)) > 0  # every rank stops at one step
+        stopping = dist.all_sum(bool(stop.requested)) > 0  # every rank stops at one step
         if done or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             state = {"step": step + 1, "coef": coef, "bad_streak": bad_streak}
-            path = plumbing.save_checkpoint(args, model, tokenizer, opt, state, final=done)
+            path = checkpoints.save_checkpoint(
+                args.out_dir, model, tokenizer, opt, state, args.keep_last, final=done
+            )
             if stopping and not done:
                 bar.close()
                 print(f"stopped by {stop.requested}: {path} holds step {step + 1}; rerun to resume")

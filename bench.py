@@ -32,7 +32,8 @@ import time
 import torch
 
 import aent
-import plumbing
+from grader import grade
+from support import data, demo, rundir
 
 PRESETS = {
     "tiny": dict(
@@ -104,7 +105,7 @@ def write_model(p, path, device):
     beyond it decode to nothing), saved where both trainers load it from."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    _, tokenizer = plumbing.build_tiny()
+    _, tokenizer = demo.build_tiny()
     config = Qwen2Config(
         vocab_size=p["vocab"],
         hidden_size=p["hidden"],
@@ -176,13 +177,13 @@ def run_trl(p, model_dir, work, device):
     tokenizer.padding_side = "left"
     rows = [
         {"prompt": aent.build_prompt(tokenizer, q["question"]), "gold": q["gold"]}
-        for q in aent.load_problems("toy")
+        for q in data.load_problems("toy")
     ]
     B, steps = p["prompts"] * p["group"], 1 + p["steps"]
     dataset = Dataset.from_list(rows * (B * steps // len(rows) + 1))
 
     def reward(prompts, completions, gold, **kw):  # the grader aent.py trains with
-        return [aent.grade(c, g) for c, g in zip(completions, gold)]
+        return [grade(c, g) for c, g in zip(completions, gold)]
 
     times = {"step": [], "rollout": [], "tokens": []}
 
@@ -354,7 +355,7 @@ def bench_grader(data_dir: str) -> dict:
         return r["solution"], r["answer"]
 
     def gsm8k(r):
-        return r["answer"], plumbing.problem_from_row(r)["gold"]
+        return r["answer"], data.problem_from_row(r)["gold"]
 
     def minerva(r):  # no answer field: the gold is the solution's last box
         return r["solution"], grader.last_boxed(r["solution"])
@@ -429,7 +430,7 @@ def main(argv=None):
         return child(a.child)
     if a.grader:
         results = {"grader": bench_grader(a.grader)}
-        plumbing.write_atomic(a.out, json.dumps(results, indent=1))
+        rundir.write_atomic(a.out, json.dumps(results, indent=1))
         return print(f"wrote {a.out}")
     cuda = torch.cuda.is_available()
     preset = a.preset or ("1.5b" if cuda else "tiny")

@@ -16,7 +16,6 @@ subject.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -31,10 +30,10 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 import aent
-import plumbing
-from grader import find_answer
+from grader import find_answer, grade
+from support import cli, data, models, rundir
 
-BENCHMARKS = aent.HUB_DATASETS  # gsm8k, math500, math: loaded with split="test"
+BENCHMARKS = data.HUB_DATASETS  # gsm8k, math500, math: loaded with split="test"
 PROTOCOLS = {
     "qwen": dict(temperature=0.0, top_p=1.0, top_k=0, samples=1),
     "aent": dict(temperature=0.6, top_p=0.95, top_k=20, samples=4),  # the recipe's validation
@@ -70,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, help="override the protocol's samples per problem")
     p.add_argument(
         "--prompt",
-        choices=plumbing.PROMPTS,
+        choices=cli.PROMPTS,
         help="prompt style (aent.build_prompt); default: the training run's (args.json beside "
         "a checkpoint of aent.py), else qwen-math",
     )
@@ -143,11 +142,12 @@ def load_checkpoint(model: str, device: torch.device):
     in bf16 (or under bf16 autocast) would round away much of the adapters' small update."""
     saved = run_args(model)
     if saved.get("lora_rank") and os.path.isdir(os.path.join(model, "adapter")):
-        fields = {f.name for f in dataclasses.fields(aent.Args)}
-        train_args = aent.Args(**{k: v for k, v in saved.items() if k in fields})
-        return aent.load_policy(train_args, device, resume=model)
+        lora = {k: saved[k] for k in ("lora_rank", "lora_alpha") if k in saved}
+        return models.load_policy(
+            saved["model"], device, saved.get("seed", 0), **lora, resume=model
+        )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return aent.load_model(model, device, dtype=dtype)
+    return models.load_model(model, device, dtype=dtype)
 
 
 def complete(model, tokenizer, prompts, gen, samples=1, batch_size=64, on_batch=None):
@@ -183,14 +183,14 @@ def benchmark_list(spec: str) -> list[str]:
 
 
 def _grade(pair):
-    return aent.grade(*pair)
+    return grade(*pair)
 
 
 def grade_all(pairs, workers: int) -> list[float]:
-    """aent.grade over (completion, gold) pairs, in worker processes when asked: math-verify's
+    """grade over (completion, gold) pairs, in worker processes when asked: math-verify's
     timeouts are signal-based and work only in a process's main thread, never in a thread pool."""
     if workers <= 0:
-        return [aent.grade(c, g) for c, g in pairs]
+        return [grade(c, g) for c, g in pairs]
     import multiprocessing
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -228,9 +228,9 @@ def main(argv=None):
 
     args = parse_args(argv)
     names = benchmark_list(args.benchmarks)
-    plumbing.claim_out_dir(args.out_dir)  # a bad --out-dir fails now, not after generating
+    rundir.claim_out_dir(args.out_dir)  # a bad --out-dir fails now, not after generating
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    benches = {b: aent.load_problems(b, split="test")[: args.limit] for b in names}
+    benches = {b: data.load_problems(b, split="test")[: args.limit] for b in names}
     model, tokenizer = load_checkpoint(args.model, device)
     context = getattr(model.config, "max_position_embeddings", None)
     prompts_of = {
@@ -238,7 +238,7 @@ def main(argv=None):
         for name, problems in benches.items()
     }
     for name, prompts in prompts_of.items():
-        longest = max(plumbing.prompt_lengths(tokenizer, prompts, context)) if context else 0
+        longest = max(data.prompt_lengths(tokenizer, prompts, context)) if context else 0
         if context and longest + args.max_new_tokens > context:
             sys.exit(
                 f"error: {name}: the longest prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context}"
@@ -310,11 +310,11 @@ def main(argv=None):
                 }
             )
 
-    plumbing.write_atomic(
+    rundir.write_atomic(
         os.path.join(args.out_dir, "predictions.jsonl"),
         "".join(json.dumps(r) + "\n" for r in predictions),
     )
-    plumbing.write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
+    rundir.write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
     print_table(summary)
     print(f"wrote {args.out_dir}/summary.json and {args.out_dir}/predictions.jsonl")
     return summary

@@ -1,0 +1,11 @@
+"""What a training run needs besides the method, one idea per module.
+
+cli          flags: the published recipes, --help, checks before anything loads
+data         problems and gold answers, prompt lengths, the held-out split, the data order
+models       model directories: loading, checking and saving them
+demo         the offline CPU demo: its toy task and tiny model
+rundir       the run directory: its lock, args.json, metrics.jsonl and samples.jsonl
+checkpoints  saving, finding and resuming from checkpoints
+signals      SIGINT, SIGTERM and SIGHUP: finish the step, save, exit
+distributed  several processes under torchrun: ranks, sums and gathers
+"""

@@ -1,0 +1,170 @@
+"""The run directory (--out-dir): a lock, so that one run writes it at a time; args.json, the
+settings a resumed run must share; and the logs, metrics.jsonl and samples.jsonl, cut back to
+the checkpoint's step on resume so that every step is logged once."""
+
+import atexit
+import fcntl
+import json
+import math
+import os
+import shutil
+import sys
+
+from support.checkpoints import last_checkpoint_note
+from support.distributed import rank
+
+RESUMABLE = ("out_dir", "steps", "save_every", "keep_last", "sample_every", "max_bad_updates")
+RENAMED = {"top_k": "keep_top_k"}  # flags renamed since a run was saved: old name -> new
+
+_claimed = {}  # real path of an out_dir -> (its locked .lock file, whether this created it)
+
+
+def claim(out_dir: str, settings: dict, defaults: dict):
+    """Lock out_dir for this run (claim_out_dir) and check that it holds this run, or none
+    (check_same_run)."""
+    claim_out_dir(out_dir)
+    check_same_run(out_dir, settings, defaults)
+
+
+def claim_out_dir(out_dir: str):
+    """Create out_dir if needed (an error line if it cannot be written) and lock it for this
+    process, so that a second run on it stops at once instead of interleaving its steps. The
+    lock goes with the process, however it ends; a directory this left empty is removed."""
+    real = os.path.realpath(out_dir)
+    if real in _claimed or rank():  # rank 0 holds it for all ranks
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        sys.exit(f"error: --out-dir {out_dir} is a file, not a directory")
+    created = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.read(fd, 16).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        sys.exit(f"error: another run (pid {pid}) is using --out-dir {out_dir}; wait for it to end")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _claimed[real] = (fd, created)
+    atexit.register(release_out_dir, out_dir)
+
+
+def release_out_dir(out_dir: str):
+    """Unlock out_dir; remove it if this process created it and wrote nothing there."""
+    fd, created = _claimed.pop(os.path.realpath(out_dir), (None, False))
+    if fd is None:
+        return
+    if created and set(os.listdir(out_dir)) <= {".lock"}:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    os.close(fd)
+
+
+def check_same_run(out_dir: str, settings: dict, defaults: dict):
+    """An out_dir holds one run: resuming needs the same settings, bar the RESUMABLE ones. A
+    setting missing from an older run's args.json counts as its default."""
+    path = os.path.join(out_dir, "args.json")
+    if not os.path.isfile(path):
+        if os.path.isdir(out_dir) and any(
+            n == "metrics.jsonl" or n.startswith("step_") for n in os.listdir(out_dir)
+        ):
+            sys.exit(
+                f"error: {out_dir} holds training output but no args.json; choose another --out-dir"
+            )
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError:
+        sys.exit(f"error: {path} is damaged; choose another --out-dir")
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}
+    changed = [
+        k for k in settings if k not in RESUMABLE and saved.get(k, defaults[k]) != settings[k]
+    ]
+    if changed:
+        diffs = ", ".join(
+            f"--{k.replace('_', '-')} {saved.get(k)!r} -> {settings[k]!r}" for k in changed[:4]
+        )
+        sys.exit(
+            f"error: {out_dir} holds a different run ({diffs}); "
+            "choose another --out-dir or use its settings"
+        )
+
+
+def write_atomic(path: str, text: str):
+    """Whole or not at all: a temporary file, flushed to disk, then renamed."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def start_logs(out_dir: str, settings: dict, step: int):
+    """Write args.json and cut the logs back to `step`: a resumed run logs each step once."""
+    if rank():
+        return
+    try:
+        for name in os.listdir(out_dir):  # left by a run killed mid-write
+            path = os.path.join(out_dir, name)
+            if name.endswith(".tmp"):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        write_atomic(os.path.join(out_dir, "args.json"), json.dumps(settings, indent=1))
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = os.path.join(out_dir, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    kept = [line for line in f if logged_step(line) <= step]
+                write_atomic(path, "".join(kept))
+    except OSError as e:
+        sys.exit(f"error: cannot write to {out_dir}: {e.strerror}; nothing was trained")
+
+
+def logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+        return math.inf
+
+
+def log_step(out_dir: str, metrics: dict, shown: dict, write=print):
+    """Append a step's metrics to metrics.jsonl and print a line of those named in `shown`
+    ({name: format}), in its order (rank 0 alone)."""
+    if rank():
+        return
+    append(out_dir, "metrics.jsonl", [json.dumps(metrics) + "\n"])
+    parts = [f.format(metrics[k]) for k, f in shown.items() if metrics.get(k) is not None]
+    write(" | ".join([f"step {metrics['step']:>4}", *parts]))
+
+
+def sample_due(step: int, every: int, last: int) -> bool:
+    """Samples are kept on the first and last step and every `every` steps (0: never)."""
+    return bool(every) and (step % every == 0 or step in (1, last))
+
+
+def log_samples(out_dir, step, prompts, completions, golds, rewards, group_size, write=print):
+    """The first completion of each of the first 3 groups to samples.jsonl; 2 of them printed."""
+    if rank():
+        return
+    G = group_size
+    samples = [
+        {"step": step, "prompt": prompts[j // G], "completion": completions[j], "gold": golds[j],
+         "reward": float(rewards[j])}
+        for j in range(0, min(len(completions), 3 * G), G)
+    ]  # fmt: skip
+    append(out_dir, "samples.jsonl", [json.dumps(s) + "\n" for s in samples])
+    for s in samples[:2]:
+        write(f"  sample (reward {s['reward']:.0f}, gold {s['gold']}): {s['completion'][:200]!r}")
+
+
+def append(out_dir: str, name: str, lines: list[str]):
+    """Append lines to a log; a full disk or lost permission ends the run with one line (a
+    line cut short is dropped on resume)."""
+    try:
+        with open(os.path.join(out_dir, name), "a", encoding="utf-8") as f:
+            f.writelines(lines)
+    except OSError as e:
+        sys.exit(f"error: cannot write {name}: {e.strerror}; {last_checkpoint_note(out_dir)}")
