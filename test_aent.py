@@ -198,6 +198,39 @@ def test_policy_loss_with_no_tokens_is_zero_not_nan():
     assert loss.item() == 0.0
 
 
+def test_aent_loss_is_ppo_minus_lambda_times_token_mean_entropy_plus_beta_k3_kl():
+    torch.manual_seed(11)
+    B, T, coef, beta = 6, 9, 0.03, 0.2
+    old = torch.randn(B, T) - 2
+    logp = (old + torch.randn(B, T)).requires_grad_()
+    entropy = (torch.rand(B, T) * 3).requires_grad_()
+    adv, ref = torch.randn(B), old + torch.randn(B, T) * 0.5
+    mask = (torch.rand(B, T) > 0.3).long()
+    clip = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    loss, stats = aent.aent_loss(
+        logp, old, adv, mask, entropy, coef, ref_logp=ref, beta=beta, **clip
+    )
+
+    ppo = ref_policy_loss(logp.detach(), old, adv, mask, 0.2, 0.28, 3.0)
+    tokens = [(b, t) for b in range(B) for t in range(T) if mask[b, t]]
+    h = sum(entropy[b, t].item() for b, t in tokens) / len(tokens)
+    d = [ref[b, t].item() - logp[b, t].item() for b, t in tokens]
+    kl = sum(math.exp(x) - x - 1 for x in d) / len(tokens)
+    assert loss.item() == pytest.approx(ppo - coef * h + beta * kl, rel=1e-5, abs=1e-6)
+    assert stats["kl"].item() == pytest.approx(kl, rel=1e-5)
+    loss.backward()  # the bonus's gradient: -lambda / (number of tokens) on each kept token
+    torch.testing.assert_close(entropy.grad, -coef * mask / len(tokens))
+
+
+def test_aent_loss_without_a_bonus_is_the_policy_loss_and_leaves_the_entropy_alone():
+    torch.manual_seed(12)
+    logp, old, adv = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4)
+    mask, entropy = torch.ones(4, 5), torch.rand(4, 5).requires_grad_()
+    loss, stats = aent.aent_loss(logp, old, adv, mask, entropy, coef=0.0)
+    assert torch.equal(loss, aent.policy_loss(logp, old, adv, mask)[0]) and "kl" not in stats
+    assert not loss.requires_grad  # no graph through the entropy when lambda is 0
+
+
 def test_completion_mask_keeps_the_first_eos_when_pad_equals_eos():
     EOS = 0  # the tiny tokenizer's pad id is its EOS id
     ids = torch.tensor(
