@@ -363,17 +363,24 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
     each weighted by its share of the minibatch's tokens on all ranks (mask [B, T]), so the loss
     is a token-mean. A non-finite update is skipped. Returns token-means of the loss terms, and
     `applied`: for each optimizer update, whether it was taken."""
-    G, B = args.group_size, mask.size(0)
+    G, (B, T) = args.group_size, mask.shape
     n_tokens = mask.sum(1).tolist()  # [B] on the host: no sync per micro-batch
+    starts = roll["attention_mask"].argmax(1).tolist()  # [B] each prompt's first token
 
     # the bonus's kept set: --entropy full keeps every token (its H~ is H)
     drop_frac, top_k = (0.0, None) if args.entropy == "full" else (args.drop_frac, args.keep_top_k)
 
     def stats(net, rows, entropies=True):  # log pi, H~, H of the rows' completion tokens
-        ids, attn, m = roll["input_ids"][rows], roll["attention_mask"][rows], mask[rows]
+        # on the rows' own width: from their earliest prompt token (prompts are left-padded) to
+        # their longest completion (masks are prefixes), then padded back to [b, T]
+        first, t = min(starts[i] for i in rows.tolist()), max(n_tokens[i] for i in rows.tolist())
+        t = max(t, 1)
+        cols = slice(first, roll["input_ids"].size(1) - T + t)
+        ids, attn = roll["input_ids"][rows, cols], roll["attention_mask"][rows, cols]
         with autocast(adv.device):
-            return token_stats(net, ids, attn, m, args.temperature, drop_frac, top_k,
-                               args.logits_chunk, entropies)  # fmt: skip
+            out = token_stats(net, ids, attn, mask[rows, :t], args.temperature, drop_frac, top_k,
+                              args.logits_chunk, entropies)  # fmt: skip
+        return [F.pad(x, (0, T - t)) for x in out]  # 3 x [b, T]
 
     # With one update per step the policy is still the rollout policy when the loss is taken,
     # so the old log-probs are the update's own, detached; otherwise they are scored first.
@@ -396,6 +403,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
         order = torch.randperm(B // G)  # shuffle groups, keep each group whole
         rows_by_group = (order[:, None] * G + torch.arange(G)).view(-1)  # [B]
         for mb in rows_by_group.split(mb_rows):
+            mb = mb[torch.tensor([n_tokens[i] for i in mb]).argsort(descending=True)]  # by length
             mb_tokens = dist.all_sum(sum(n_tokens[i] for i in mb.tolist())).item()  # all ranks
             if mb_tokens == 0:  # every completion masked out (--mask-truncated): nothing to learn
                 continue

@@ -4,6 +4,8 @@
                                      #      64 sampled sequences x 16 tokens per step
     python bench.py --vs-trl         # the same steps in TRL's GRPOTrainer with its entropy bonus
     python bench.py --preset 1.5b    # GPU: the Qwen2.5-1.5B shape with random weights
+    python bench.py --spread         # the update phase on completions of spread lengths,
+                                     #      micro-batches trimmed to their own width or not
 
 Both trainers load the same randomly initialised checkpoint (written to a temporary directory),
 sample from the same prompts (the toy task) with the same batch, group size, completion length,
@@ -33,7 +35,7 @@ import torch
 
 import aent
 from grader import grade
-from support import data, demo, rundir
+from support import data, demo, models, rundir
 
 PRESETS = {
     "tiny": dict(
@@ -67,6 +69,11 @@ PRESETS = {
         pass_tokens=[4096, 16384],
     ),
 }
+SPREAD = dict(  # --spread: the update phase alone, on one step of synthetic rollouts
+    hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512, vocab=99, prompts=4, group=8,
+    new_tokens=1024, prompt_tokens=(50, 200), median=400, sigma=0.7, at_limit=0.1, micro=4,
+    chunk=256,
+)  # fmt: skip
 LR, COEF = 1e-6, 0.002
 
 
@@ -303,11 +310,118 @@ def run_pass(p, kind, n, device):
     return dict(time=time.time() - t, extra_mib=memory_mib(device) - base)
 
 
+def spread_rollout(p, seed=0):
+    """One step's rollouts, synthetic: prompts of uniform length in p["prompt_tokens"], left-padded,
+    G completions each whose lengths are log-normal (median p["median"], sigma p["sigma"]) clipped
+    to [100, limit], a fraction p["at_limit"] cut at the limit (no EOS). A modelled spread, in the
+    shape of base Qwen2.5-Math's on MATH (100 tokens to the 3,072 limit), not a measured one."""
+    gen = torch.Generator().manual_seed(seed)
+    G, T, (lo, hi) = p["group"], p["new_tokens"], p["prompt_tokens"]
+    prompt_len = torch.randint(lo, hi + 1, (p["prompts"],), generator=gen).repeat_interleave(G)
+    B, P = len(prompt_len), hi
+    ids = torch.randint(3, p["vocab"], (B, P + T), generator=gen)
+    attn = (torch.arange(P + T) >= P - prompt_len[:, None]).long()  # [B, P+T] left padding
+    length = (p["median"] * torch.exp(p["sigma"] * torch.randn(B, generator=gen))).round()
+    length = length.clamp(100, T).long()
+    cut = torch.rand(B, generator=gen) < p["at_limit"]
+    length[cut] = T
+    mask = (torch.arange(T) < length[:, None]).long()  # [B, T]
+    ids[:, P:][mask == 0] = 0  # pad (and EOS) id 0 after each completion
+    ids[~cut, P + length[~cut] - 1] = 0  # the EOS that ends it
+    attn[:, P:] = mask
+    ids[attn == 0] = 0
+    adv = torch.randn(B, generator=gen)
+    return dict(input_ids=ids, attention_mask=attn, mask=mask), adv
+
+
+def untrimmed_update(model, opt, roll, adv, p):
+    """The update as it ran before micro-batches were trimmed: rows in group order, every
+    micro-batch at the step's full width; the same token-mean loss, one optimizer step."""
+    mask, n = roll["mask"], roll["mask"].sum()
+    for rows in torch.arange(mask.size(0)).split(p["micro"]):
+        with aent.autocast(adv.device):
+            ids, attn = roll["input_ids"][rows], roll["attention_mask"][rows]
+            logp, h, _ = aent.token_stats(model, ids, attn, mask[rows], 1.0, 0.33, None, p["chunk"])
+        loss, _ = aent.aent_loss(logp, logp.detach(), adv[rows], mask[rows], h, COEF)
+        (loss * (mask[rows].sum() / n)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def run_update(p, trimmed: bool, model_dir, device):
+    """One update step on spread_rollout's batch, timed after a warm-up step, with the positions
+    the decoder saw (summed over micro-batches) and this process's peak memory."""
+    model, _ = models.load_model(model_dir, device)
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    roll, adv = spread_rollout(p)
+    roll, adv = {k: v.to(device) for k, v in roll.items()}, adv.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    args = aent.Args(model=model_dir, prompts_per_step=p["prompts"], group_size=p["group"],
+                     mini_batch_prompts=p["prompts"], micro_batch_size=p["micro"],
+                     logits_chunk=p["chunk"], entropy_coef=COEF)  # fmt: skip
+    positions, token_stats = [], aent.token_stats
+
+    def counted(net, ids, *rest):
+        positions.append(ids.numel())
+        return token_stats(net, ids, *rest)
+
+    aent.token_stats = counted
+    times = []
+    for _ in range(2):  # a warm-up step, then the measured one
+        positions.clear()
+        reset_peak(device)
+        base, t = memory_mib(device, peak=False), time.time()
+        if trimmed:
+            aent.policy_update(model, opt, roll, roll["mask"], adv, COEF, args)
+        else:
+            untrimmed_update(model, opt, roll, adv, p)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - t)
+    real = int(roll["attention_mask"].sum())
+    return dict(time=times[-1], peak_mib=memory_mib(device), extra_mib=memory_mib(device) - base,
+                positions=sum(positions), padding=1 - real / sum(positions), real_tokens=real)  # fmt: skip
+
+
+def bench_spread() -> dict:
+    """--spread: the update phase with micro-batches trimmed (aent.policy_update) and untrimmed,
+    each in its own process, in one run."""
+    p = SPREAD
+    roll, _ = spread_rollout(p)
+    lengths = roll["mask"].sum(1).float()
+    at_limit = int((lengths == p["new_tokens"]).sum())
+    print(f"spread preset: {p['prompts']} prompts x {p['group']} completions, limit "
+          f"{p['new_tokens']} tokens; completion lengths median {lengths.median():.0f}, mean "
+          f"{lengths.mean():.0f}, {at_limit} at the limit; micro-batch {p['micro']}; hidden "
+          f"{p['hidden']}, {p['layers']} layers")  # fmt: skip
+    results = {"config": p, "lengths": lengths.tolist()}
+    with tempfile.TemporaryDirectory() as work:
+        model_dir = os.path.join(work, "model")
+        write_model(p, model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+        for kind in ("untrimmed", "trimmed"):
+            print(f"  running the update, {kind} ...", flush=True)
+            results[kind] = spawn(f"update-{kind}", json.dumps(p), model_dir, work)
+    u, t = results["untrimmed"], results["trimmed"]
+    print(f"\n{'':28s}{'untrimmed':>12s}{'trimmed':>12s}{'ratio':>9s}")
+    for label, key, fmt in [("update time (s)", "time", "{:.2f}"),
+                            ("peak memory (MiB)", "peak_mib", "{:.0f}"),
+                            ("of which the update (MiB)", "extra_mib", "{:.0f}"),
+                            ("decoder positions", "positions", "{:.0f}"),
+                            ("padding fraction", "padding", "{:.3f}")]:  # fmt: skip
+        ratio = f"{u[key] / t[key]:>8.2f}x" if t[key] else ""
+        print(f"{label:28s}{fmt.format(u[key]):>12s}{fmt.format(t[key]):>12s}{ratio}")
+    return results
+
+
 def child(argv):
     kind, p, model_dir, work = argv[0], json.loads(argv[1]), argv[2], argv[3]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "ours":
         out = run_ours(p, model_dir, work, device)
+    elif kind.startswith("update-"):
+        out = run_update(p, kind == "update-trimmed", model_dir, device)
     elif kind == "trl":
         out = run_trl(p, model_dir, work, device)
     else:
@@ -423,13 +537,19 @@ def main(argv=None):
         help="instead: grading speed on the reference solutions in DATA_DIR (math500_test.jsonl, "
         "gsm8k_test.jsonl, minerva_math_test.jsonl) and on pathological answers",
     )
+    ap.add_argument(
+        "--spread",
+        action="store_true",
+        help="instead: the update phase on completions of spread lengths (SPREAD), micro-batches "
+        "trimmed to their own width against untrimmed",
+    )
     ap.add_argument("--out", default="bench.json", help="where to write the results")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         return child(a.child)
-    if a.grader:
-        results = {"grader": bench_grader(a.grader)}
+    if a.grader or a.spread:
+        results = {"grader": bench_grader(a.grader)} if a.grader else {"spread": bench_spread()}
         rundir.write_atomic(a.out, json.dumps(results, indent=1))
         return print(f"wrote {a.out}")
     cuda = torch.cuda.is_available()

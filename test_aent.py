@@ -488,6 +488,53 @@ def test_head_stats_memory_is_flat_in_the_number_of_tokens(entropies):
     assert whole > one_fp32_logits > 2 * large, (whole, large)
 
 
+def test_policy_update_trims_each_micro_batch_and_keeps_the_exact_token_mean_gradient(
+    tiny, monkeypatch
+):
+    """Micro-batches of rows sorted by length, each cut to its own width, give the update that
+    one pass over the whole untrimmed batch gives (SGD, lr 1: the weights are the gradient)."""
+    import copy
+
+    _, tokenizer = tiny
+    G, T = 2, 12
+    prompts = ["Repeat 3", "Question: a much longer prompt than the others\nAnswer:", "Q", "Hi"]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids = enc.input_ids.repeat_interleave(G, 0)  # [8, P] left-padded
+    prompt_attn = enc.attention_mask.repeat_interleave(G, 0)
+    gen = torch.Generator().manual_seed(5)
+    completion = torch.randint(3, 99, (8, T), generator=gen)
+    for row, end in enumerate([2, 11, 5, 0, 7, 3, 1, 9]):  # EOS (id 0) placed by hand
+        completion[row, end] = 0
+    completion[3] = torch.randint(3, 99, (T,), generator=gen)  # one cut at the limit: no EOS
+    mask = aent.completion_mask(completion, [0])  # [8, T]
+    roll = dict(input_ids=torch.cat([prompt_ids, completion], 1),
+                attention_mask=torch.cat([prompt_attn, mask], 1), mask=mask)  # fmt: skip
+    adv = torch.randn(8, generator=gen)
+    flags = ["--model", "tiny", "--group-size", "2", "--prompts-per-step", "4",
+             "--mini-batch-prompts", "4", "--micro-batch-size", "3", "--max-grad-norm", "1e9"]  # fmt: skip
+    args = aent.parse_args(flags)
+
+    start = build_tiny(seed=0)[0]
+    reference = copy.deepcopy(start).train()
+    logp, h_clamped, _ = aent.token_stats(
+        reference, roll["input_ids"], roll["attention_mask"], mask, 1.0, 0.33, None, 64
+    )
+    loss, _ = aent.aent_loss(logp, logp.detach(), adv, mask, h_clamped, coef=0.01)
+    loss.backward()
+    torch.optim.SGD(reference.parameters(), lr=1.0).step()
+
+    widths, real = [], aent.token_stats
+    monkeypatch.setattr(aent, "token_stats", lambda m, ids, *a: widths.append(ids.size(1)) or real(m, ids, *a))  # fmt: skip
+    trimmed = copy.deepcopy(start)
+    aent.policy_update(
+        trimmed, torch.optim.SGD(trimmed.parameters(), lr=1.0), roll, mask, adv, 0.01, args
+    )
+    assert len(widths) == 3 and min(widths) < roll["input_ids"].size(1) // 2  # cut to its own
+    for (name, got), want in zip(trimmed.named_parameters(), reference.parameters()):
+        assert not torch.equal(got, start.state_dict()[name])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_training_step_calls_clamped_entropy(tmp_path, monkeypatch):
     calls, real = [], aent.clamped_entropy
 
