@@ -135,17 +135,7 @@ def build_prompt(tokenizer, question: str, style: str = "qwen-math") -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-# Model: loaded by support/models.py (load_policy: fp32 weights, or a LoRA base + adapters) ------
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the tokenizer's and the checkpoint's EOS, and Qwen's
-    <|im_end|> and <|endoftext|> (base models end on the latter, chat turns on the former)."""
-    eos = model.generation_config.eos_token_id
-    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
-    return sorted(i for i in ids if i is not None)
-
-
+# Model: support/models.py loads it (fp32 weights, or a LoRA base + adapters), its stop ids ----
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -232,54 +222,62 @@ def group_advantages(rewards, group_size: int, scale: bool = True, eps: float = 
 
 
 # Step 4: clamped entropy, with the per-token log-probs --------------------------------------------
-def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optional[int] = None):
-    """H~(s) = -sum_{a in A_k} pi~(a) log pi~(a),  pi~(a) = pi(a) / sum_{a' in A_k} pi(a').
-
-    A_k keeps the top_k highest logits or, with top_k=None, drops the int(drop_frac * V) lowest.
-    logits [..., V], already divided by the temperature -> entropy [...]; drop_frac=0 is the
-    ordinary entropy. The kept set is a discrete choice: gradient reaches only the kept logits.
-    Logits [2, 1, -9] with drop_frac 0.34 -> the entropy of softmax([2, 1]) = 0.582.
-    """
+def kept_logits(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optional[int] = None):
+    """The logits of the kept set A_k: the top_k highest or, with top_k=None, all but the
+    int(drop_frac * V) lowest. logits [..., V] -> [..., k], in no particular order. The choice
+    is discrete: gradient reaches only the kept logits, so dropped tokens are never pushed up."""
     V = logits.size(-1)
     k = V - int(drop_frac * V) if top_k is None else min(top_k, V)
     if k < 1:
         raise ValueError(f"no token kept: V={V}, drop_frac={drop_frac}, top_k={top_k}")
-    kept = logits if k == V else logits.topk(k, dim=-1, sorted=False).values  # [..., k]
-    logp = kept.float().log_softmax(-1)  # [..., k]
+    return logits if k == V else logits.topk(k, dim=-1, sorted=False).values  # [..., k]
+
+
+def clamped_entropy(logits: torch.Tensor, drop_frac: float = 0.0, top_k: Optional[int] = None):
+    """H~(s) = -sum_{a in A_k} pi~(a) log pi~(a),  pi~(a) = pi(a) / sum_{a' in A_k} pi(a').
+
+    The entropy of the softmax over the kept logits (kept_logits). logits [..., V], already
+    divided by the temperature -> entropy [...]; drop_frac=0 is the ordinary entropy H.
+    Logits [2, 1, -9] with drop_frac 0.34 -> the entropy of softmax([2, 1]) = 0.582.
+    """
+    logp = kept_logits(logits, drop_frac, top_k).float().log_softmax(-1)  # [..., k]
     return -(logp.exp() * logp).sum(-1)  # [...]
 
 
 def head_stats(hidden, targets, weight, bias, temperature, drop_frac, top_k, chunk, entropies=True):
-    """log pi(y), H~ and H of N tokens, from fp32 logits (hidden W^T + b) / temperature.
+    """log pi(y), H~, H and the mass the clamp drops, 1 - pi(A_k), from fp32 logits / temperature.
 
-    hidden [N, D] (the states that predict the tokens), targets [N] -> three [N] tensors. log pi(y)
-    and H~ carry gradient, H is a value to log; with entropies=False, log pi(y) alone (zeros for
-    the others), for passes that only score. `chunk` tokens at a time, each under
-    torch.utils.checkpoint: a chunk's [chunk, V] logits are freed after its forward and
-    recomputed in the backward, so memory stays flat in N.
+    hidden [N, D] (the states that predict the tokens), targets [N] -> four [N] tensors. log pi(y)
+    and H~ carry gradient, H and the dropped mass are values to log; entropies=False: log pi(y)
+    alone (zeros for the rest). `chunk` tokens at a time under torch.utils.checkpoint: a chunk's
+    [chunk, V] logits are freed after its forward and recomputed in the backward (flat memory).
     """
 
     def stats(h, y):  # h [C, D], y [C]
         with torch.autocast(h.device.type, enabled=False):  # fp32 also under bf16 autocast
             b = None if bias is None else bias.float()
             logits = F.linear(h.float(), weight.float(), b) / temperature  # [C, V]
-        logp = logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)  # [C]
+        log_z = logits.logsumexp(-1)  # [C] log of the softmax's normaliser
+        logp = logits.gather(-1, y[:, None]).squeeze(-1) - log_z  # [C]
         if not entropies:
-            return logp, torch.zeros_like(logp), torch.zeros_like(logp)
-        with torch.no_grad():  # a value: a graph the loss never uses would hold memory
-            h_full = clamped_entropy(logits)  # nothing dropped: H
-        return logp, clamped_entropy(logits, drop_frac, top_k), h_full
+            return logp, *torch.zeros_like(logp).expand(3, -1)
+        kept = kept_logits(logits, drop_frac, top_k)  # [C, k]
+        with torch.no_grad():  # values: a graph the loss never uses would hold memory
+            h_full, low = clamped_entropy(logits), kept.min(-1, keepdim=True).values  # [C, 1]
+            p = (logits - log_z[:, None]).exp()  # [C, V] summed where dropped, not as 1 - kept:
+            ties = (logits == low).sum(-1) - (kept == low).sum(-1)  # fp32 would lose 1e-6 masses
+            dropped = (p * (logits < low)).sum(-1) + ties * (low[:, 0] - log_z).exp()  # [C]
+        return logp, clamped_entropy(kept), h_full, dropped  # H~: nothing more dropped from A_k
 
     chunks = zip(hidden.split(chunk), targets.split(chunk))
     parts = [checkpoint(stats, h, y, use_reentrant=False) for h, y in chunks]
-    return [torch.cat(x) for x in zip(*parts)]  # 3 x [N]
+    return [torch.cat(x) for x in zip(*parts)]  # 4 x [N]
 
 
-def token_stats(
-    model, input_ids, attention_mask, mask, temperature, drop_frac, top_k, chunk, entropies=True
-):
-    """log pi(y_t), H~(s_t) and H(s_t) per completion token: three [B, T], 0 where mask is 0.
-    The head runs at completion positions only, through `head_stats`."""
+def token_stats(model, input_ids, attention_mask, mask, temperature, drop_frac, top_k, chunk,
+                entropies=True):  # fmt: skip
+    """log pi(y_t), H~(s_t), H(s_t) and the mass dropped from s_t per completion token: four
+    [B, T], 0 where mask is 0. The head runs at completion positions only, through `head_stats`."""
     T = mask.size(1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] as generate sets them
     kw = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -288,11 +286,10 @@ def token_stats(
     hidden = hidden[:, -T - 1 : -1][keep]  # [N, D] the states that predict completion tokens
     targets = input_ids[:, -T:][keep]  # [N]
     head = model.get_output_embeddings()
-    stats = head_stats(
-        hidden, targets, head.weight, head.bias, temperature, drop_frac, top_k, chunk, entropies
-    )
+    stats = head_stats(hidden, targets, head.weight, head.bias, temperature, drop_frac, top_k,
+                       chunk, entropies)  # fmt: skip
     zeros = torch.zeros(mask.shape, device=mask.device)  # [B, T]
-    return tuple(zeros.masked_scatter(keep, x) for x in stats)  # 3 x [B, T]
+    return tuple(zeros.masked_scatter(keep, x) for x in stats)  # 4 x [B, T]
 
 
 # Step 5: the loss ---------------------------------------------------------------------------------
@@ -330,7 +327,7 @@ def aent_loss(logp, old_logp, adv, mask, entropy, coef, clip_low=0.2, clip_high=
     H for the conventional bonus), coef is lambda (0: no bonus, and no gradient through the
     entropy); ref_logp [B, T] a reference model's log-probs for the KL penalty (None: none),
     per token the k3 estimator exp(ref - logp) - (ref - logp) - 1 >= 0 of KL(pi || pi_ref).
-    Returns (loss, stats): policy_loss's stats, and kl with a reference."""
+    Returns (loss, stats): policy_loss's stats, and kl_ref with a reference."""
     loss, stats = policy_loss(
         logp, old_logp, adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
     )
@@ -338,8 +335,8 @@ def aent_loss(logp, old_logp, adv, mask, entropy, coef, clip_low=0.2, clip_high=
         loss = loss - coef * masked_mean(entropy, mask)
     if ref_logp is not None:
         d = ref_logp - logp  # [B, T]
-        stats["kl"] = masked_mean(torch.exp(d) - d - 1, mask)
-        loss = loss + beta * stats["kl"]
+        stats["kl_ref"] = masked_mean(torch.exp(d) - d - 1, mask)
+        loss = loss + beta * stats["kl_ref"]
     return loss, stats
 
 
@@ -352,7 +349,8 @@ def update_entropy_coef(coef, entropy, h_low, h_high, lr, coef_min, coef_max) ->
 
 
 # The training loop --------------------------------------------------------------------------------
-UPDATE_STATS = "loss clip_frac dual_clip_frac approx_kl kl entropy_clamped entropy_full".split()
+UPDATE_STATS = ("loss", "clip_frac", "dual_clip_frac", "approx_kl", "kl_ref", "entropy_clamped",
+                "entropy_full", "dropped_mass")  # fmt: skip
 SHOWN = dict(reward="reward {:.3f}", entropy_clamped="H~ {:.3f}", entropy_full="H {:.3f}",
              entropy_coef="coef {:.4g}", clip_frac="clip {:.3f}", response_len="len {:.0f}",
              step_time="{:.1f}s", eval_accuracy="held-out accuracy {:.3f}")  # fmt: skip
@@ -370,17 +368,17 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
     # the bonus's kept set: --entropy full keeps every token (its H~ is H)
     drop_frac, top_k = (0.0, None) if args.entropy == "full" else (args.drop_frac, args.keep_top_k)
 
-    def stats(net, rows, entropies=True):  # log pi, H~, H of the rows' completion tokens
+    def stats(net, rows, entropies=True):  # log pi, H~, H, dropped mass of the rows' tokens
         # on the rows' own width: from their earliest prompt token (prompts are left-padded) to
         # their longest completion (masks are prefixes), then padded back to [b, T]
-        first, t = min(starts[i] for i in rows.tolist()), max(n_tokens[i] for i in rows.tolist())
-        t = max(t, 1)
+        r = rows.tolist()
+        first, t = min(starts[i] for i in r), max(1, *(n_tokens[i] for i in r))
         cols = slice(first, roll["input_ids"].size(1) - T + t)
         ids, attn = roll["input_ids"][rows, cols], roll["attention_mask"][rows, cols]
         with autocast(adv.device):
             out = token_stats(net, ids, attn, mask[rows, :t], args.temperature, drop_frac, top_k,
                               args.logits_chunk, entropies)  # fmt: skip
-        return [F.pad(x, (0, T - t)) for x in out]  # 3 x [b, T]
+        return [F.pad(x, (0, T - t)) for x in out]  # 4 x [b, T]
 
     # With one update per step the policy is still the rollout policy when the loss is taken,
     # so the old log-probs are the update's own, detached; otherwise they are scored first.
@@ -412,7 +410,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
                 m, n = mask[rows], sum(n_tokens[i] for i in rows.tolist())  # m [b, T]
                 if n == 0:
                     continue
-                logp, h_clamped, h_full = stats(model, rows)  # [b, T] each
+                logp, h_clamped, h_full, dropped = stats(model, rows)  # [b, T] each
                 old = logp.detach() if on_policy else old_logp[rows]  # [b, T]
                 ref = None if ref_logp is None else ref_logp[rows]  # [b, T]
                 loss, st = aent_loss(
@@ -422,7 +420,8 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
                 finite = finite & torch.isfinite(loss)  # a tensor: no sync here
                 st.update(loss=loss, entropy_full=masked_mean(h_full, m))
                 if args.entropy != "full":  # nothing is clamped there
-                    st["entropy_clamped"] = masked_mean(h_clamped, m)
+                    st.update(entropy_clamped=masked_mean(h_clamped, m))
+                st.update(dropped_mass=masked_mean(dropped, m))
                 logged.append((n, st))
             dist.sum_gradients(model)  # over ranks: the whole minibatch's token-mean
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -459,7 +458,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         prompts, [p["gold"] for p in problems], tokenizer, context, args.max_prompt_tokens,
         args.max_new_tokens, args.long_prompts, args.eval_size if args.eval_every else 0, args.seed,
     )  # fmt: skip
-    eos = stop_token_ids(model, tokenizer)
+    eos = models.stop_token_ids(model, tokenizer)  # EOS, and Qwen's <|im_end|>, <|endoftext|>
     sampling = generation_config(tokenizer, eos, args.max_new_tokens, args.temperature, args.top_p)
     greedy = generation_config(tokenizer, eos, args.max_new_tokens, temperature=0)
     initial = args.beta and not args.lora_rank  # LoRA's reference is its base: nothing to load
@@ -493,9 +492,9 @@ def train(args: Args, stop: Optional[StopRequest] = None):
 
         # policy update with the entropy bonus, then the coefficient update
         upd = policy_update(model, opt, roll, mask, adv, coef, args, ref_model)
-        bad_streak = checkpoints.stop_if_diverged(  # non-finite updates, --max-bad-updates in a row
+        bad_streak = checkpoints.stop_if_diverged(
             upd["applied"], bad_streak, args.max_bad_updates, args.out_dir
-        )
+        )  # --max-bad-updates non-finite: stop
         coef_used = coef
         if adaptive and step + 1 >= args.coef_warmup and any(upd["applied"]):
             coef = update_entropy_coef(coef, upd[bonus_entropy], **band)
@@ -507,8 +506,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
             "step": step + 1,
             "reward": all_rewards.mean().item(),
             "entropy_coef": coef_used,
-            **{k: upd[k] for k in UPDATE_STATS if k != "kl"},  # token-means over the update
-            "kl_ref": upd["kl"],
+            **{k: upd[k] for k in UPDATE_STATS},  # token-means over the update
             "skipped_updates": upd["applied"].count(False),
             "response_len": lengths.mean().item(),
             "truncated_frac": truncated.mean().item(),
@@ -523,18 +521,15 @@ def train(args: Args, stop: Optional[StopRequest] = None):
             m["eval_accuracy"] = sum(scores) / len(scores)
         rundir.log_step(args.out_dir, m, SHOWN, tqdm.write)  # metrics.jsonl and a printed line
         if rundir.sample_due(step + 1, args.sample_every, args.steps):  # 3 to samples.jsonl
-            texts = roll["completions"]
-            rundir.log_samples(
-                args.out_dir, step + 1, prompts, texts, golds, rewards, G, tqdm.write
-            )
+            rundir.log_samples(args.out_dir, step + 1, prompts, roll["completions"], golds,
+                               rewards, G, tqdm.write)  # fmt: skip
 
         done = step + 1 == args.steps
         stopping = dist.all_sum(bool(stop.requested)) > 0  # every rank stops at one step
         if done or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             state = {"step": step + 1, "coef": coef, "bad_streak": bad_streak}
-            path = checkpoints.save_checkpoint(
-                args.out_dir, model, tokenizer, opt, state, args.keep_last, final=done
-            )
+            path = checkpoints.save_checkpoint(args.out_dir, model, tokenizer, opt, state,
+                                               args.keep_last, final=done)  # fmt: skip
             if stopping and not done:
                 bar.close()
                 print(f"stopped by {stop.requested}: {path} holds step {step + 1}; rerun to resume")

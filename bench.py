@@ -293,7 +293,7 @@ def run_pass(p, kind, n, device):
 
     def once():
         if kind == "chunked":
-            logp, h_clamped, _ = aent.head_stats(
+            logp, h_clamped, *_ = aent.head_stats(
                 hidden, targets, weight, None, 1.0, 0.33, None, p["chunk"]
             )
         else:
@@ -341,7 +341,7 @@ def untrimmed_update(model, opt, roll, adv, p):
     for rows in torch.arange(mask.size(0)).split(p["micro"]):
         with aent.autocast(adv.device):
             ids, attn = roll["input_ids"][rows], roll["attention_mask"][rows]
-            logp, h, _ = aent.token_stats(model, ids, attn, mask[rows], 1.0, 0.33, None, p["chunk"])
+            logp, h, *_ = aent.token_stats(model, ids, attn, mask[rows], 1.0, 0.33, None, p["chunk"])
         loss, _ = aent.aent_loss(logp, logp.detach(), adv[rows], mask[rows], h, COEF)
         (loss * (mask[rows].sum() / n)).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

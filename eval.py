@@ -243,7 +243,7 @@ def main(argv=None):
             sys.exit(
                 f"error: {name}: the longest prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context of {context}"
             )
-    eos_ids = aent.stop_token_ids(model, tokenizer)
+    eos_ids = models.stop_token_ids(model, tokenizer)
     gen = aent.generation_config(
         tokenizer, eos_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k
     )

@@ -217,7 +217,7 @@ def test_aent_loss_is_ppo_minus_lambda_times_token_mean_entropy_plus_beta_k3_kl(
     d = [ref[b, t].item() - logp[b, t].item() for b, t in tokens]
     kl = sum(math.exp(x) - x - 1 for x in d) / len(tokens)
     assert loss.item() == pytest.approx(ppo - coef * h + beta * kl, rel=1e-5, abs=1e-6)
-    assert stats["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert stats["kl_ref"].item() == pytest.approx(kl, rel=1e-5)
     loss.backward()  # the bonus's gradient: -lambda / (number of tokens) on each kept token
     torch.testing.assert_close(entropy.grad, -coef * mask / len(tokens))
 
@@ -227,7 +227,7 @@ def test_aent_loss_without_a_bonus_is_the_policy_loss_and_leaves_the_entropy_alo
     logp, old, adv = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4)
     mask, entropy = torch.ones(4, 5), torch.rand(4, 5).requires_grad_()
     loss, stats = aent.aent_loss(logp, old, adv, mask, entropy, coef=0.0)
-    assert torch.equal(loss, aent.policy_loss(logp, old, adv, mask)[0]) and "kl" not in stats
+    assert torch.equal(loss, aent.policy_loss(logp, old, adv, mask)[0]) and "kl_ref" not in stats
     assert not loss.requires_grad  # no graph through the entropy when lambda is 0
 
 
@@ -282,15 +282,6 @@ def test_rollout_ignores_every_other_sampling_field_of_the_checkpoint(tiny):
     assert model.generation_config.no_repeat_ngram_size == 1  # the model's own config is restored
 
 
-def test_stop_token_ids_include_qwen_end_tokens(tiny):
-    model, tokenizer = tiny
-    ids = aent.stop_token_ids(model, tokenizer)
-    assert set(ids) == {
-        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        tokenizer.convert_tokens_to_ids("<|im_end|>"),
-    }
-
-
 def test_token_stats_reproduce_generates_own_scores_under_left_padding(tiny):
     from transformers import GenerationConfig
 
@@ -321,7 +312,7 @@ def test_token_stats_reproduce_generates_own_scores_under_left_padding(tiny):
     )
     with torch.no_grad():
         attention_mask = torch.cat([enc.attention_mask, mask], 1)
-        logp, _, _ = aent.token_stats(model, out.sequences, attention_mask, mask, 0.7, 0.0, None, 4)
+        logp, *_ = aent.token_stats(model, out.sequences, attention_mask, mask, 0.7, 0.0, None, 4)
     torch.testing.assert_close(logp, expected * mask, rtol=1e-4, atol=1e-4)
 
 
@@ -343,7 +334,7 @@ def test_token_stats_and_their_gradients_match_a_float64_full_logits_reference(
     w = torch.randn(2, B, T)
 
     model32 = model.train()
-    logp, hc, hf = aent.token_stats(
+    logp, hc, hf, dropped = aent.token_stats(
         model32, input_ids, attention_mask, mask, temperature, drop_frac, top_k, 4
     )
     assert not hf.requires_grad  # the full entropy is a value to log
@@ -363,21 +354,24 @@ def test_token_stats_and_their_gradients_match_a_float64_full_logits_reference(
     ref_hf = torch.distributions.Categorical(logits=logits).entropy()
     kept = logits.topk(top_k or V - int(drop_frac * V), dim=-1).values
     ref_hc = torch.distributions.Categorical(logits=kept).entropy()
+    ref_dropped = 1 - (kept.logsumexp(-1) - logits.logsumexp(-1)).exp()
     ((w[0] * ref_logp + w[1] * ref_hc) * mask).sum().backward()
 
-    for got, ref in [(logp, ref_logp), (hc, ref_hc), (hf, ref_hf)]:
+    for got, ref in [(logp, ref_logp), (hc, ref_hc), (hf, ref_hf), (dropped, ref_dropped)]:
         torch.testing.assert_close(got.double(), ref.detach() * mask, rtol=1e-4, atol=1e-4)
     for name, p in model64.named_parameters():
         torch.testing.assert_close(grads[name].double(), p.grad, rtol=1e-3, atol=1e-5)
 
 
 def ref_head_stats(hidden, weight, bias, targets, temperature, k):
-    """float64 log pi(y), clamped entropy (top k by a full sort) and full entropy, all N at once."""
+    """float64 log pi(y), clamped entropy (top k by a full sort), full entropy and the probability
+    outside the top k (summed from the sorted probabilities), all N at once."""
     z = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) / temperature
     logp = z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     kept = z.sort(-1, descending=True).values[:, :k]
     full = torch.distributions.Categorical(logits=z).entropy()
-    return logp, torch.distributions.Categorical(logits=kept).entropy(), full
+    dropped = z.softmax(-1).sort(-1, descending=True).values[:, k:].sum(-1)
+    return logp, torch.distributions.Categorical(logits=kept).entropy(), full, dropped
 
 
 @pytest.mark.parametrize(
@@ -398,7 +392,7 @@ def test_chunked_head_stats_match_float64_values_and_gradients_of_full_logits(
     targets = torch.randint(0, V, (N,))
     g = torch.randn(2, N)
     setting = (temperature, drop_frac, top_k, chunk)
-    logp, hc, hf = aent.head_stats(hidden, targets, weight, bias, *setting)
+    logp, hc, hf, dropped = aent.head_stats(hidden, targets, weight, bias, *setting)
     assert not hf.requires_grad  # the full entropy is a value to log
     (g[0] * logp + g[1] * hc).sum().backward()
 
@@ -407,11 +401,11 @@ def test_chunked_head_stats_match_float64_values_and_gradients_of_full_logits(
         for t in (hidden, weight) + ((bias,) if with_bias else ())
     ]
     k = top_k or V - int(drop_frac * V)
-    r_logp, r_hc, r_hf = ref_head_stats(
+    r_logp, r_hc, r_hf, r_dropped = ref_head_stats(
         leaves[0], leaves[1], leaves[2] if with_bias else None, targets, temperature, k
     )
     (g[0] * r_logp + g[1] * r_hc).sum().backward()
-    for got, ref in [(logp, r_logp), (hc, r_hc), (hf, r_hf)]:
+    for got, ref in [(logp, r_logp), (hc, r_hc), (hf, r_hf), (dropped, r_dropped)]:
         torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     for got, ref in zip([hidden, weight] + ([bias] if with_bias else []), leaves):
         torch.testing.assert_close(
@@ -420,6 +414,29 @@ def test_chunked_head_stats_match_float64_values_and_gradients_of_full_logits(
     with torch.no_grad():  # the scoring pass: log-probs only, the same numbers
         only = aent.head_stats(hidden, targets, weight, bias, *setting, entropies=False)[0]
     torch.testing.assert_close(only, logp.detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "drop_frac,top_k,temperature",
+    [(0.33, None, 1.0), (0.9, None, 0.6), (0.0, 10, 1.4), (0.0, 1, 1.0)],
+)
+def test_dropped_mass_is_the_probability_outside_the_kept_set_ties_included(
+    drop_frac, top_k, temperature
+):
+    torch.manual_seed(21)
+    N, V = 30, 1000
+    hidden = torch.randint(-2, 3, (N, 8)).float()  # small integers: many tied logits
+    weight = torch.randint(-2, 3, (V, 8)).float()
+    targets = torch.randint(0, V, (N,))
+    k = top_k or V - int(drop_frac * V)
+    *_, want = ref_head_stats(hidden, weight, None, targets, temperature, k)
+    _, _, _, dropped = aent.head_stats(
+        hidden, targets, weight, None, temperature, drop_frac, top_k, 7
+    )
+    assert (hidden @ weight.T).unique().numel() < 100  # ties at the edge of the kept set
+    torch.testing.assert_close(dropped.double(), want, rtol=1e-5, atol=1e-6)
+    nothing = aent.head_stats(hidden, targets, weight, None, temperature, 0.0, None, 7)[3]
+    assert torch.equal(nothing, torch.zeros(N))  # nothing dropped: no mass outside
 
 
 def test_head_stats_stay_fp32_under_bf16_autocast():
@@ -432,9 +449,11 @@ def test_head_stats_stay_fp32_under_bf16_autocast():
     results = []
     for enabled in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-            logp, hc, hf = aent.head_stats(hidden, targets, weight, None, 1.0, 0.33, None, 10)
+            logp, hc, hf, dropped = aent.head_stats(
+                hidden, targets, weight, None, 1.0, 0.33, None, 10
+            )
         (logp.sum() + hc.sum()).backward()  # outside autocast, as in training
-        results.append([logp, hc, hf, hidden.grad.clone(), weight.grad.clone()])
+        results.append([logp, hc, hf, dropped, hidden.grad.clone(), weight.grad.clone()])
         hidden.grad = weight.grad = None
     for plain, autocast in zip(*results):
         assert autocast.dtype == torch.float32
@@ -475,7 +494,7 @@ def test_head_stats_memory_is_flat_in_the_number_of_tokens(entropies):
 
         def run():
             setting = (1.0, 0.33, None, chunk, entropies)
-            logp, hc, hf = aent.head_stats(hidden, targets, weight, None, *setting)
+            logp, hc, *_ = aent.head_stats(hidden, targets, weight, None, *setting)
             (logp.sum() + hc.sum()).backward()  # as the bonus does; hc is zeros without entropies
 
         return peak_rss_mib_of(run)
@@ -516,7 +535,7 @@ def test_policy_update_trims_each_micro_batch_and_keeps_the_exact_token_mean_gra
 
     start = build_tiny(seed=0)[0]
     reference = copy.deepcopy(start).train()
-    logp, h_clamped, _ = aent.token_stats(
+    logp, h_clamped, *_ = aent.token_stats(
         reference, roll["input_ids"], roll["attention_mask"], mask, 1.0, 0.33, None, 64
     )
     loss, _ = aent.aent_loss(logp, logp.detach(), adv, mask, h_clamped, coef=0.01)
@@ -545,8 +564,9 @@ def test_a_training_step_calls_clamped_entropy(tmp_path, monkeypatch):
     monkeypatch.setattr(aent, "clamped_entropy", counted)
     args = aent.parse_args(["--model", "tiny", "--steps", "1", "--out-dir", str(tmp_path / "run")])
     aent.train(args)
-    bonus = [c for c in calls if c[1] == args.drop_frac and c[3]]  # the bonus, with gradient
-    assert bonus and all(shape[-1] == 99 for shape, *_ in bonus)  # over the whole vocabulary
+    kept = 99 - int(args.drop_frac * 99)  # the kept set A_k of the tiny vocabulary
+    bonus = [c for c in calls if c[0][-1] == kept and c[3]]  # H~ of A_k's logits, with gradient
+    assert bonus and all(c[1] == 0.0 and c[2] is None for c in bonus)  # nothing more dropped
 
 
 def test_one_training_step_end_to_end_writes_metrics_and_a_loadable_checkpoint(tmp_path):

@@ -65,6 +65,16 @@ def from_pretrained(name: str, dtype):
     return model, tokenizer
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's and the checkpoint's EOS, and Qwen's
+    <|im_end|> and <|endoftext|> (base models end on the latter, chat turns on the former)."""
+    eos = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
 def check_model_path(name: str):
     """A local model directory must exist and hold a config, a tokenizer and complete weights."""
     if os.path.isdir(name):

@@ -54,7 +54,7 @@ def test_two_processes_train_log_each_step_once_and_keep_identical_weights(tmp_p
 EQUAL_UPDATE = """
 import sys, torch
 import aent
-from support import distributed
+from support import distributed, models
 from support.demo import build_tiny
 
 # One step's update of the same 4 groups x 4 rollouts, on one process or split over two.
@@ -64,7 +64,7 @@ args = aent.parse_args(["--model", "tiny", "--group-size", "4", "--prompts-per-s
                         "--ppo-epochs", "2", "--max-new-tokens", "3"])
 model, tokenizer = build_tiny(0)
 torch.manual_seed(0)  # the same rollouts on every rank; each takes its own groups
-gen = aent.generation_config(tokenizer, aent.stop_token_ids(model, tokenizer), 3)
+gen = aent.generation_config(tokenizer, models.stop_token_ids(model, tokenizer), 3)
 prompts = [aent.build_prompt(tokenizer, f"Repeat {d}") for d in range(4)]
 roll = aent.rollout(model, tokenizer, prompts, gen, group_size=4)
 rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1])

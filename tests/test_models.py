@@ -77,7 +77,7 @@ def test_qwen_prompt_is_the_qwen25_math_harness_prompt(qwen_dir):
 
 def test_qwen_stops_on_endoftext_and_im_end_and_cuts_at_the_first(qwen_dir):
     model, tokenizer = models.load_model(str(qwen_dir), torch.device("cpu"))
-    eos = aent.stop_token_ids(model, tokenizer)
+    eos = models.stop_token_ids(model, tokenizer)
     assert eos == [151643, 151645]
     ids = tokenizer("12 apples", add_special_tokens=False).input_ids
     rows = torch.tensor([ids + [151645, 17, 151643], ids + [151643, 151645, 17]])
@@ -116,3 +116,12 @@ def test_one_step_and_an_eval_on_the_real_qwen_vocabulary_and_a_faithful_checkpo
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.load(open(tmp_path / "eval" / "summary.json"))["benchmarks"][data]["n"] == 4
+
+
+def test_stop_token_ids_include_qwen_end_tokens(tiny):
+    model, tokenizer = tiny
+    ids = models.stop_token_ids(model, tokenizer)
+    assert set(ids) == {
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    }
