@@ -341,7 +341,9 @@ def untrimmed_update(model, opt, roll, adv, p):
     for rows in torch.arange(mask.size(0)).split(p["micro"]):
         with aent.autocast(adv.device):
             ids, attn = roll["input_ids"][rows], roll["attention_mask"][rows]
-            logp, h, *_ = aent.token_stats(model, ids, attn, mask[rows], 1.0, 0.33, None, p["chunk"])
+            logp, h, *_ = aent.token_stats(
+                model, ids, attn, mask[rows], 1.0, 0.33, None, p["chunk"]
+            )
         loss, _ = aent.aent_loss(logp, logp.detach(), adv[rows], mask[rows], h, COEF)
         (loss * (mask[rows].sum() / n)).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -464,6 +466,7 @@ def bench_grader(data_dir: str) -> dict:
     differently: the path through math-verify), one process, cache cleared per set; then the
     pathological inputs one by one. Completions/s, acceptance and the slowest single call."""
     import grader
+    from support import equivalence
 
     def math500(r):
         return r["solution"], r["answer"]
@@ -486,7 +489,7 @@ def bench_grader(data_dir: str) -> dict:
         own = [pair(json.loads(line)) for line in open(path, encoding="utf-8")]
         shifted = [(c, g) for (c, _), (_, g) in zip(own, own[1:] + own[:1])]  # mostly wrong
         for label, pairs in ((name, own), (name + " shifted", shifted)):
-            grader._PARSED.clear()
+            equivalence._PARSED.clear()
             times, accepted = [], 0
             for completion, gold in pairs:
                 t0 = time.perf_counter()
@@ -498,7 +501,7 @@ def bench_grader(data_dir: str) -> dict:
             print(f"  {label}: {len(pairs)} graded, {accepted:.0f} accepted, "
                   f"{rate:.0f} completions/s, slowest {slowest:.2f} s")  # fmt: skip
     for name, (completion, gold) in PATHOLOGICAL.items():
-        grader._PARSED.clear()
+        equivalence._PARSED.clear()
         t0 = time.perf_counter()
         verdict = grader.grade(completion, gold)
         results[name] = {"verdict": verdict, "seconds": time.perf_counter() - t0}

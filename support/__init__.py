@@ -2,6 +2,7 @@
 
 cli          flags: the published recipes, --help, checks before anything loads
 data         problems and gold answers, prompt lengths, the held-out split, the data order
+equivalence  when a model's answer equals the gold one (grader.py finds the answer)
 models       model directories: loading, checking and saving them
 demo         the offline CPU demo: its toy task and tiny model
 rundir       the run directory: its lock, args.json, metrics.jsonl and samples.jsonl
