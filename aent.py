@@ -495,6 +495,8 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         bad_streak = checkpoints.stop_if_diverged(
             upd["applied"], bad_streak, args.max_bad_updates, args.out_dir
         )  # --max-bad-updates non-finite: stop
+        if upd["loss"] is None:  # no token to learn from: say so, the metrics are null
+            tqdm.write(f"step {step + 1}: every completion was cut at --max-new-tokens and masked")
         coef_used = coef
         if adaptive and step + 1 >= args.coef_warmup and any(upd["applied"]):
             coef = update_entropy_coef(coef, upd[bonus_entropy], **band)

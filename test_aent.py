@@ -530,7 +530,8 @@ def test_policy_update_trims_each_micro_batch_and_keeps_the_exact_token_mean_gra
                 attention_mask=torch.cat([prompt_attn, mask], 1), mask=mask)  # fmt: skip
     adv = torch.randn(8, generator=gen)
     flags = ["--model", "tiny", "--group-size", "2", "--prompts-per-step", "4",
-             "--mini-batch-prompts", "4", "--micro-batch-size", "3", "--max-grad-norm", "1e9"]  # fmt: skip
+             "--mini-batch-prompts", "4", "--micro-batch-size", "3",
+             "--max-grad-norm", "1e9"]  # fmt: skip
     args = aent.parse_args(flags)
 
     start = build_tiny(seed=0)[0]
@@ -543,7 +544,8 @@ def test_policy_update_trims_each_micro_batch_and_keeps_the_exact_token_mean_gra
     torch.optim.SGD(reference.parameters(), lr=1.0).step()
 
     widths, real = [], aent.token_stats
-    monkeypatch.setattr(aent, "token_stats", lambda m, ids, *a: widths.append(ids.size(1)) or real(m, ids, *a))  # fmt: skip
+    record = lambda m, ids, *a: widths.append(ids.size(1)) or real(m, ids, *a)  # noqa: E731
+    monkeypatch.setattr(aent, "token_stats", record)
     trimmed = copy.deepcopy(start)
     aent.policy_update(
         trimmed, torch.optim.SGD(trimmed.parameters(), lr=1.0), roll, mask, adv, 0.01, args
@@ -643,3 +645,27 @@ def test_a_step_with_every_completion_masked_out_changes_neither_weights_nor_coe
         and [m["entropy_coef"] for m in lines] == [args.entropy_coef] * 2
     )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "8"]], ids=["full", "lora"])
+def test_the_gpu_precision_path_runs_on_the_cpu_under_bf16_autocast(tmp_path, monkeypatch, lora):
+    """A GPU runs the passes under bf16 autocast (fp32 weights; with LoRA, a bf16 base and fp32
+    adapters): forced on here, so that a dtype mistake on that path fails on a CPU too."""
+    from support import models
+
+    monkeypatch.setattr(aent, "autocast", lambda device: torch.autocast("cpu", torch.bfloat16))
+    monkeypatch.setattr(models, "frozen_dtype", lambda device: torch.bfloat16)
+    out = tmp_path / "run"
+    model = aent.train(aent.parse_args(["--model", "tiny", "--steps", "2", "--out-dir", str(out),
+                                        "--beta", "0.01", *lora]))  # fmt: skip
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    for key in ("reward", "loss", "entropy_clamped", "entropy_full", "dropped_mass", "kl_ref"):
+        assert all(math.isfinite(m[key]) for m in lines), key
+    for name, p in model.named_parameters():
+        want = torch.float32 if p.requires_grad else torch.bfloat16  # trained: fp32 master weights
+        assert p.dtype == want and torch.isfinite(p).all(), name
+    if lora:  # B starts at 0
+        assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    else:
+        start = build_tiny(seed=0)[0].state_dict()
+        assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())

@@ -50,8 +50,11 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, state: dict, keep_last
             save_tokenizer(tokenizer, tmp)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        umask = os.umask(0)
+        os.umask(umask)
         for folder, _, files in os.walk(tmp):
-            for f in files:
+            for f in files:  # safetensors writes 0600: every file readable as the rest are
+                os.chmod(os.path.join(folder, f), 0o666 & ~umask)
                 with open(os.path.join(folder, f), "rb") as fh:
                     os.fsync(fh.fileno())
     except Exception as e:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
@@ -67,11 +70,20 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, state: dict, keep_last
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-    steps = sorted(n for n in os.listdir(out_dir) if n.startswith("step_") and "." not in n)
-    for n in steps[:-keep_last]:  # renamed first: a kill mid-delete leaves only a .tmp
+    names = os.listdir(out_dir)
+    steps = sorted(n for n in names if n.startswith("step_") and "." not in n)
+    newer = math.inf if final else state["step"]
+    set_aside = [n for n in names if n.endswith(".damaged") and damaged_step(n) <= newer]
+    for n in steps[:-keep_last] + set_aside:  # renamed first: a kill mid-delete leaves a .tmp
         os.replace(os.path.join(out_dir, n), os.path.join(out_dir, n + ".tmp"))
         shutil.rmtree(os.path.join(out_dir, n + ".tmp"), ignore_errors=True)
     return barrier(path)
+
+
+def damaged_step(name: str) -> float:
+    """The step of a checkpoint set aside as NAME.damaged: a newer one makes it useless."""
+    base = name.split(".")[0]
+    return int(base[5:]) if base.startswith("step_") and base[5:].isdigit() else math.inf
 
 
 def resume_point(out_dir: str):
@@ -93,12 +105,19 @@ def restore(path: str, state: dict, optimizer):
 
 
 def load_state(path: str) -> Optional[dict]:
-    """A checkpoint's trainer state, read without running any code (weights_only); None if it
-    is damaged."""
+    """A checkpoint's trainer state, read without running any code (weights_only): a dict with
+    an int step >= 0, a finite float coef >= 0 and an int bad_streak >= 0; None if it is
+    damaged or anything else."""
     try:
-        return torch.load(os.path.join(path, "trainer_state.pt"), "cpu", weights_only=True)
+        state = torch.load(os.path.join(path, "trainer_state.pt"), "cpu", weights_only=True)
     except Exception:
         return None
+    ints, coef = ("step", "bad_streak"), state.get("coef") if isinstance(state, dict) else None
+    if not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+        return None
+    if not all(type(state.get(k)) is int and state[k] >= 0 for k in ints):
+        return None
+    return state
 
 
 def checkpoint_problem(path: str) -> Optional[str]:
@@ -138,11 +157,14 @@ def latest_checkpoint(out_dir: str, report=None) -> Optional[str]:
         sys.exit(f"error: no checkpoint in {out_dir} can be resumed: {listed}")
     for name, problem in damaged if report else []:
         path = os.path.join(out_dir, name)
-        report(f"passing over the damaged checkpoint {path} ({problem})")
         step = int(name[5:]) if name.startswith("step_") else math.inf  # final: the newest
+        if name == "final.old" and found and rank() == 0:  # a copy final/ replaced, half
+            shutil.rmtree(path, ignore_errors=True)  # deleted by a kill: nothing to keep
+            continue
+        report(f"passing over the damaged checkpoint {path} ({problem})")
         if step > steps[found] and rank() == 0:  # out of the way of keep_last, which
             shutil.rmtree(path + ".damaged", ignore_errors=True)  # would keep it over a
-            os.replace(path, path + ".damaged")  # good one; an older one is pruned in turn
+            os.replace(path, path + ".damaged")  # good one; pruned by the next save
     return os.path.join(out_dir, found) if found else None
 
 

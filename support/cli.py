@@ -9,24 +9,26 @@ import sys
 from typing import Optional
 
 from support.demo import TINY_DEMO
-from support.distributed import world_size
+from support.distributed import rank, world_size
 
 BONUSES = ("none", "full", "clamped")  # --entropy: GRPO, the full-vocabulary bonus, AEnt
 PROMPTS = ("qwen-math", "verl", "r1")  # --prompt: see aent.build_prompt
 
 # The authors' published settings (their verl recipe), applied with --recipe NAME to every flag
-# not given. Batch sizes are the recipe's own: 512 x 16 on 4 GPUs, 256 x 8 on 8.
+# not given. Batch sizes are the recipe's own: 512 x 16 on 4 GPUs, 256 x 8 on 8. Steps as they
+# ran: 30 epochs x 14 (verl drops each epoch's last partial batch) and 6 x 156. Their OpenR1
+# preprocessing appends the same instruction as their MATH one: the verl prompt for both.
 RECIPES = {
     "qwen-math": dict(
-        model="Qwen/Qwen2.5-Math-1.5B", dataset="math", prompt="verl", steps=440,
+        model="Qwen/Qwen2.5-Math-1.5B", dataset="math", prompt="verl", steps=420,
         prompts_per_step=512, group_size=16, mini_batch_prompts=128, ppo_epochs=1, lr=2e-6,
         weight_decay=0.01, max_grad_norm=1.0, max_prompt_tokens=1024, max_new_tokens=3072,
         temperature=1.0, top_p=1.0, drop_frac=0.33, entropy_coef=0.002, h_low=0.15, h_high=0.24,
         coef_lr=0.002, coef_warmup=30, coef_min=0.0006, coef_max=0.009,
     ),
     "r1-distill": dict(
-        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", dataset="openr1", prompt="r1",
-        prompts_per_step=256, group_size=8, mini_batch_prompts=64, ppo_epochs=1, lr=1e-6,
+        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", dataset="openr1", prompt="verl",
+        steps=936, prompts_per_step=256, group_size=8, mini_batch_prompts=64, ppo_epochs=1, lr=1e-6,
         weight_decay=0.01, max_grad_norm=1.0, max_prompt_tokens=1024, max_new_tokens=7168,
         temperature=1.0, top_p=1.0, drop_frac=0.25, entropy_coef=0.0003, h_low=0.35, h_high=0.62,
         coef_lr=1e-4, coef_warmup=156, coef_min=4e-5, coef_max=0.001,
@@ -41,12 +43,37 @@ def parse_args(fields, argv, description: str):
     fine-tuning's at alpha 32, whatever the rank ("LoRA Without Regret", Schulman et al. 2025);
     the tiny demo keeps its own, measured one."""
     given = given_flags(fields, argv, description)
+    if given.get("model") == "tiny" and "recipe" in given:
+        sys.exit("error: --recipe sets a real model's run; --model tiny takes the CPU demo's")
     recipe = RECIPES.get(given.get("recipe"), {})
     preset = TINY_DEMO if given.get("model") == "tiny" else recipe
     args = fields(**{**preset, **given})
     if args.lora_rank and "lr" not in given and args.model != "tiny":
         args.lr = round(args.lr * 10, 12)
+    note_unused(args, given)
     return args
+
+
+BAND = ("h_low", "h_high", "coef_lr", "coef_min", "coef_max", "coef_warmup")
+
+
+def note_unused(args, given: dict):
+    """A line for flags given that this configuration does not use (a run still starts)."""
+    unused = {
+        "with --entropy none": ("entropy_coef", "adaptive_coef", *BAND),
+        "with --entropy full, which keeps every token": ("drop_frac", "keep_top_k"),
+        "with --no-adaptive-coef": BAND,
+        "without --lora-rank": ("lora_alpha",),
+    }
+    applies = [args.entropy == "none", args.entropy == "full", not args.adaptive_coef,
+               not args.lora_rank]  # fmt: skip
+    for (why, names), yes in zip(unused.items(), applies):
+        flags = [f"--{n.replace('_', '-')}" for n in names if n in given]
+        if yes and flags and not rank():  # one note under torchrun
+            print(
+                f"note: {', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect {why}"
+            )
+            given = {k: v for k, v in given.items() if k not in names}
 
 
 def given_flags(fields, argv, description: str) -> dict:
@@ -84,7 +111,7 @@ def check_args(args):
         ("temperature", a.temperature > 0, "positive for sampling"),
         ("top_p", 0 < a.top_p <= 1, "in (0, 1]"),
         ("lr", 0 < a.lr <= 1, "in (0, 1]"),
-        ("weight_decay", a.weight_decay >= 0, "at least 0"),
+        ("weight_decay", 0 <= a.weight_decay <= 1, "in [0, 1]"),
         ("max_grad_norm", a.max_grad_norm > 0, "positive"),
         ("clip_low", 0 <= a.clip_low < 1, "in [0, 1)"),
         ("clip_high", a.clip_high >= 0, "at least 0"),

@@ -98,7 +98,7 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
                     continue
                 try:
                     row = json.loads(raw.decode("utf-8-sig"))
-                except (ValueError, UnicodeDecodeError) as e:
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:  # 1e5-deep [[[...
                     sys.exit(f"error: {path} line {n}: not valid JSON ({str(e)[:80]})")
                 if not isinstance(row, dict):
                     sys.exit(f"error: {path} line {n}: not a JSON object")
@@ -125,7 +125,8 @@ def prompt_lengths(tokenizer, prompts: list[str], limit: int) -> list[int]:
     50 MB line is refused at once instead of after minutes and gigabytes of tokenizing."""
     longest = max(map(len, tokenizer.get_vocab()))
     short = [i for i, p in enumerate(prompts) if len(p) <= limit * longest]
-    counted = tokenizer([prompts[i] for i in short], add_special_tokens=False).input_ids
+    texts = [prompts[i] for i in short]
+    counted = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
     lengths = [limit + 1] * len(prompts)
     for i, ids in zip(short, counted):
         lengths[i] = len(ids)
@@ -143,7 +144,7 @@ def prompts_that_fit(
         first = next(i for i, n in enumerate(lengths) if n > limit)
         sys.exit(
             f"error: {too_long} of {len(lengths)} prompts are longer than --max-prompt-tokens "
-            f"{limit} (problem {first + 1} has {lengths[first]} tokens); raise the limit"
+            f"{limit} (the first is problem {first + 1}); raise the limit"
             + (" or pass --long-prompts skip" if fits else "")
         )
     if too_long:

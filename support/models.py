@@ -26,6 +26,11 @@ def load_model(name: str, device: torch.device, seed: int = 0, dtype=torch.float
     return model.to(device=device, dtype=dtype), tokenizer
 
 
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """Weights that never change (a LoRA base, a model to evaluate): bf16 on a GPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_policy(name, device, seed=0, lora_rank=0, lora_alpha=32.0, resume: Optional[str] = None):
     """(model to train, tokenizer): all weights in fp32, from the checkpoint `resume` if given;
     or, with lora_rank > 0, model `name` frozen as the base (in bf16 on a GPU: it never changes)
@@ -36,12 +41,19 @@ def load_policy(name, device, seed=0, lora_rank=0, lora_alpha=32.0, resume: Opti
         return load_model(resume or name, device, seed)
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base, tokenizer = load_model(name, device, seed, dtype)
+    base, tokenizer = load_model(name, device, seed, frozen_dtype(device))
     if name == "tiny":  # the CPU demo: a random head cannot be confident (see there)
         confident_tiny_head(base)
     if resume:
-        return PeftModel.from_pretrained(base, f"{resume}/adapter", is_trainable=True), tokenizer
+        adapter = os.path.join(resume, "adapter")
+        problem = saved_model_problem(adapter, "adapter_config.json", tokenizer=False)
+        try:  # weights_only: a crafted adapter_model.bin runs no code, and is refused here
+            model = None if problem else PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        except Exception as e:
+            problem = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if problem:
+            sys.exit(f"error: cannot load the LoRA adapters in {adapter}: {problem}")
+        return model, tokenizer
     torch.manual_seed(seed)  # A's random initialisation, the same on every rank
     config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
                         target_modules="all-linear")  # fmt: skip
@@ -102,7 +114,8 @@ def saved_model_problem(path: str, config="config.json", tokenizer=True) -> Opti
         return problem
     names = os.listdir(path)
     shards = [n for n in names if n.endswith(".safetensors")]
-    if not shards and not any(n.endswith(".bin") for n in names):
+    pickles = config != "adapter_config.json" and any(n.endswith(".bin") for n in names)
+    if not shards and not pickles:  # aent.py writes adapters as .safetensors, nothing else
         return "it has no weights (.safetensors)"
     for name in shards:
         if not safetensors_complete(os.path.join(path, name)):

@@ -3,10 +3,12 @@ settings a resumed run must share; and the logs, metrics.jsonl and samples.jsonl
 the checkpoint's step on resume so that every step is logged once."""
 
 import atexit
+import contextlib
 import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -29,37 +31,46 @@ def claim(out_dir: str, settings: dict, defaults: dict):
 def claim_out_dir(out_dir: str):
     """Create out_dir if needed (an error line if it cannot be written) and lock it for this
     process, so that a second run on it stops at once instead of interleaving its steps. The
-    lock goes with the process, however it ends; a directory this left empty is removed."""
+    lock goes with the process, however it ends; released, its .lock file is removed, and a
+    directory this process created and left empty too."""
     real = os.path.realpath(out_dir)
     if real in _claimed or rank():  # rank 0 holds it for all ranks
         return
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         sys.exit(f"error: --out-dir {out_dir} is a file, not a directory")
-    created = not os.path.isdir(out_dir)
+    created, path = not os.path.isdir(out_dir), os.path.join(out_dir, ".lock")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 16).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                sys.exit(f"error: another run (pid {pid}) is using --out-dir {out_dir}; "
+                         "wait for it to end")  # fmt: skip
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # its holder removed it as this process opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError as e:  # read-only, not a directory, a full disk
         sys.exit(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pid = os.read(fd, 16).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        sys.exit(f"error: another run (pid {pid}) is using --out-dir {out_dir}; wait for it to end")
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
     _claimed[real] = (fd, created)
     atexit.register(release_out_dir, out_dir)
 
 
 def release_out_dir(out_dir: str):
-    """Unlock out_dir; remove it if this process created it and wrote nothing there."""
+    """Unlock out_dir and remove its .lock; remove out_dir too if this process created it and
+    wrote nothing there."""
     fd, created = _claimed.pop(os.path.realpath(out_dir), (None, False))
     if fd is None:
         return
-    if created and set(os.listdir(out_dir)) <= {".lock"}:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(out_dir, ".lock"))  # still held: no other process has it
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
     os.close(fd)
 
 
@@ -76,9 +87,11 @@ def check_same_run(out_dir: str, settings: dict, defaults: dict):
             )
         return
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-    except ValueError:
+    except (OSError, ValueError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict):
         sys.exit(f"error: {path} is damaged; choose another --out-dir")
     saved = {RENAMED.get(k, k): v for k, v in saved.items()}
     changed = [
@@ -86,7 +99,8 @@ def check_same_run(out_dir: str, settings: dict, defaults: dict):
     ]
     if changed:
         diffs = ", ".join(
-            f"--{k.replace('_', '-')} {saved.get(k)!r} -> {settings[k]!r}" for k in changed[:4]
+            f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {settings[k]!r}"
+            for k in changed[:4]
         )
         sys.exit(
             f"error: {out_dir} holds a different run ({diffs}); "
@@ -95,28 +109,38 @@ def check_same_run(out_dir: str, settings: dict, defaults: dict):
 
 
 def write_atomic(path: str, text: str):
-    """Whole or not at all: a temporary file, flushed to disk, then renamed."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    """Whole or not at all: a temporary file, flushed to disk, then renamed (removed if writing
+    it failed)."""
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
+
+
+OWN_TMP = re.compile(r"(args\.json|metrics\.jsonl|samples\.jsonl|step_\d{6}|final)\.tmp")
 
 
 def start_logs(out_dir: str, settings: dict, step: int):
-    """Write args.json and cut the logs back to `step`: a resumed run logs each step once."""
+    """Write args.json and cut the logs back to `step`: a resumed run logs each step once. What
+    a killed run left half-written is removed: its own NAME.tmp files only, never another one."""
     if rank():
         return
     try:
-        for name in os.listdir(out_dir):  # left by a run killed mid-write
+        for name in os.listdir(out_dir):
             path = os.path.join(out_dir, name)
-            if name.endswith(".tmp"):
+            if OWN_TMP.fullmatch(name):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         write_atomic(os.path.join(out_dir, "args.json"), json.dumps(settings, indent=1))
         for name in ("metrics.jsonl", "samples.jsonl"):
             path = os.path.join(out_dir, name)
             if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
+                with open(path, encoding="utf-8", errors="replace") as f:
                     kept = [line for line in f if logged_step(line) <= step]
                 write_atomic(path, "".join(kept))
     except OSError as e:
@@ -124,10 +148,13 @@ def start_logs(out_dir: str, settings: dict, step: int):
 
 
 def logged_step(line: str) -> float:
+    """The step a metrics.jsonl or samples.jsonl line logs; inf for a line cut short by a crash
+    or anything else that is not one."""
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
         return math.inf
+    return step if type(step) is int else math.inf
 
 
 def log_step(out_dir: str, metrics: dict, shown: dict, write=print):

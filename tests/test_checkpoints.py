@@ -156,15 +156,18 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_intact_one(
 
 
 def test_damaged_newer_checkpoints_are_set_aside_so_keep_last_keeps_good_ones(
-    tmp_path, three_steps
+    tmp_path, three_steps, capsys
 ):
     out = tmp_path / "run"
     shutil.copytree(three_steps, out)
     truncate(out / "final" / "optimizer.pt", 0.5)
     truncate(out / "step_000002" / "model.safetensors", 0.5)
     aent.train(tiny_args(out, "--steps", "5", "--save-every", "1", "--keep-last", "2"))
+    printed = capsys.readouterr().out
+    assert printed.count("passing over the damaged checkpoint") == 2
+    assert f"resuming from {out / 'step_000001'} (step 1)" in printed
     names = sorted(os.listdir(out))
-    assert "final.damaged" in names and "step_000002.damaged" in names
+    assert not [n for n in names if ".damaged" in n]  # set aside, then pruned by newer saves
     kept = [n for n in names if n.startswith("step_") and "." not in n] + ["final"]
     assert kept == ["step_000003", "step_000004", "final"]
     assert all(checkpoints.checkpoint_problem(str(out / n)) is None for n in kept)
@@ -243,3 +246,43 @@ def test_weights_made_non_finite_by_an_update_are_one_line_and_never_saved(tmp_p
     message = one_line_exit(lambda _: aent.train(tiny_args(out, "--save-every", "1")), None)
     assert message.startswith("error: the weights are no longer finite after step 1")
     assert "no checkpoint was written" in message and not checkpoints.latest_checkpoint(str(out))
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"coef": 0.01, "bad_streak": 0}, {"step": "3", "coef": 0.01, "bad_streak": 0},
+     {"step": 3.0, "coef": 0.01, "bad_streak": 0}, {"step": torch.tensor(3), "coef": 0.01,
+     "bad_streak": 0}, {"step": -3, "coef": 0.01, "bad_streak": 0},
+     {"step": 3, "coef": float("nan"), "bad_streak": 0}, [3, 0.01, 0]],
+    ids=["no step", "str step", "float step", "tensor step", "negative step", "nan coef", "list"],
+)  # fmt: skip
+def test_a_trainer_state_that_is_not_one_is_a_damaged_checkpoint(tmp_path, three_steps, state):
+    out = tmp_path / "run"
+    shutil.copytree(three_steps, out)
+    torch.save(state, out / "final" / "trainer_state.pt")
+    assert checkpoints.load_state(str(out / "final")) is None
+    aent.train(tiny_args(out, "--steps", "3", "--save-every", "1", "--keep-last", "3"))
+    assert checkpoints.load_state(str(out / "final"))["step"] == 3  # redone from step 2
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_checkpoint_files_are_all_readable_by_others_as_the_umask_allows(tmp_path):
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        aent.train(tiny_args(out, "--steps", "1"))
+    finally:
+        os.umask(old)
+    modes = {f: os.stat(out / "final" / f).st_mode & 0o777 for f in os.listdir(out / "final")}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+def test_set_aside_and_half_deleted_checkpoints_do_not_pile_up(tmp_path, three_steps):
+    out = tmp_path / "run"
+    shutil.copytree(three_steps, out)
+    truncate(out / "final" / "optimizer.pt", 0.5)  # set aside as final.damaged on resume
+    shutil.copytree(out / "step_000001", out / "final.old")  # a kill mid-delete of final.old
+    os.remove(out / "final.old" / "trainer_state.pt")
+    aent.train(tiny_args(out, "--steps", "3", "--save-every", "1", "--keep-last", "3"))
+    names = sorted(n for n in os.listdir(out) if not n.endswith((".json", ".jsonl", ".lock")))
+    assert names == ["final", "step_000001", "step_000002"]  # final saved: nothing set aside left

@@ -224,3 +224,17 @@ def test_a_huge_prompt_is_measured_as_too_long_without_being_tokenized(tiny):
     assert time.time() - t0 < 2
     exact = [len(ids) for ids in tokenizer(prompts[::2], add_special_tokens=False).input_ids]
     assert lengths == [exact[0], 65, exact[1]] and exact[1] > 64  # over, but counted exactly
+
+
+@pytest.mark.parametrize("case", ["every prompt over the limit", "100,000 nested brackets"])
+def test_input_that_once_raised_a_traceback_is_one_line(tmp_path, case):
+    flags = ["--model", "tiny", "--out-dir", str(tmp_path / "out")]
+    if case == "every prompt over the limit":
+        flags += ["--max-prompt-tokens", "1"]
+        words = "longer than --max-prompt-tokens 1 (the first is problem 1)"
+    else:
+        (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+        flags += ["--dataset", str(tmp_path / "deep.jsonl")]
+        words = "line 1: not valid JSON"
+    assert words in one_line_exit(aent.main, flags)
+    assert not (tmp_path / "out").exists()

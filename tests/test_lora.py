@@ -2,14 +2,13 @@
 the KL reference, and the tiny LoRA demo."""
 
 import json
-
-import pytest
 import math
 import os
 import shutil
 
+import pytest
 import torch
-from conftest import tiny_args
+from conftest import one_line_exit, tiny_args
 
 import aent
 import eval as ev
@@ -157,3 +156,32 @@ def test_lora_beta_scores_the_base_with_adapters_off_and_loads_no_second_model(
     assert not torch.equal(*pairs[-1])  # later the adapters move the policy away from it
     kls = [json.loads(line)["kl_ref"] for line in open(out / "metrics.jsonl")]
     assert all(k > 0 and math.isfinite(k) for k in kls)
+
+
+def test_a_crafted_or_truncated_adapter_is_one_line_for_training_and_for_eval(tmp_path):
+    out = tmp_path / "run"
+    aent.train(tiny_args(out, "--lora-rank", "8", "--steps", "1", "--save-every", "1"))
+    adapter = out / "final" / "adapter"
+    safetensors = (adapter / "adapter_model.safetensors").read_bytes()
+    os.remove(adapter / "adapter_model.safetensors")
+    (adapter / "adapter_model.bin").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")  # code
+    flags = ["--model", "tiny", "--out-dir", str(out), "--lora-rank", "8", "--steps", "2"]
+    for argv in ([*flags, "--save-every", "1"], None):
+        if argv is None:  # eval.py on the same checkpoint
+            message = one_line_exit(ev.main, ["--model", str(out / "final"), "--benchmarks",
+                                              "x.jsonl", "--out-dir", str(tmp_path / "e")])  # fmt: skip
+            assert "x.jsonl" in message  # the benchmark is checked first; now a real one
+            bench = tmp_path / "b.jsonl"
+            bench.write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
+            message = one_line_exit(ev.main, ["--model", str(out / "final"), "--benchmarks",
+                                              str(bench), "--out-dir", str(tmp_path / "e")])  # fmt: skip
+        else:
+            message = one_line_exit(aent.main, argv)
+        assert "adapter" in message, message
+    assert not os.path.exists("pwned")
+    (adapter / "adapter_model.bin").unlink()
+    (adapter / "adapter_model.safetensors").write_bytes(safetensors[: len(safetensors) // 2])
+    bench = tmp_path / "b.jsonl"
+    message = one_line_exit(ev.main, ["--model", str(out / "final"), "--benchmarks", str(bench),
+                                      "--out-dir", str(tmp_path / "e2")])  # fmt: skip
+    assert "adapter_model.safetensors is truncated" in message

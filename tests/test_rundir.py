@@ -102,3 +102,63 @@ def test_an_unwritable_out_dir_is_refused_before_anything_loads(tmp_path):
     cmd = [sys.executable, "eval.py", "--model", "nobody/no-such-model", "--out-dir", out]
     res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [message]
+
+
+def test_a_run_removes_only_its_own_half_written_files(tmp_path):
+    out = tmp_path / "run"
+    aent.main(["--model", "tiny", "--steps", "1", "--out-dir", str(out)])
+    (out / "notes.tmp").mkdir()
+    (out / "notes.tmp" / "mine.txt").write_text("x")
+    (out / "draft.tmp").write_text("y")
+    (out / "step_000007.tmp").mkdir()  # what a killed save leaves
+    (out / "metrics.jsonl.tmp").write_text("z")
+    aent.main(["--model", "tiny", "--steps", "2", "--out-dir", str(out)])  # resumes
+    assert (out / "notes.tmp" / "mine.txt").read_text() == "x"
+    assert (out / "draft.tmp").read_text() == "y"
+    assert not (out / "step_000007.tmp").exists() and not (out / "metrics.jsonl.tmp").exists()
+    assert not (out / ".lock").exists()  # released with the run
+
+
+@pytest.mark.parametrize("content", ["[]", '"run"', "[[[[", "{}"])
+def test_an_args_json_that_is_not_a_runs_settings_is_one_line(tmp_path, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text(content)
+    flags = ["--model", "tiny", "--steps", "1", "--out-dir", str(out)]
+    if content == "{}":  # settings, all missing: the defaults', which the demo's are not
+        message = one_line_exit(aent.main, flags)
+        assert "holds a different run (--model 'Qwen/Qwen2.5-Math-1.5B' -> 'tiny'" in message
+        return
+    assert (
+        one_line_exit(aent.main, flags)
+        == f"error: {out / 'args.json'} is damaged; choose another --out-dir"
+    )
+
+
+def test_a_full_disk_while_taking_the_lock_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    real = os.write
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    try:
+        message = one_line_exit(aent.main, ["--model", "tiny", "--out-dir", str(tmp_path / "run")])
+    finally:
+        monkeypatch.setattr(os, "write", real)
+    assert (
+        message == f"error: cannot write to --out-dir {tmp_path / 'run'}: No space left on device"
+    )
+
+
+def test_every_completion_masked_out_is_said_in_a_line(tmp_path, capsys):
+    args = aent.parse_args(["--model", "tiny", "--steps", "1", "--max-new-tokens", "1",
+                            "--mask-truncated", "--group-size", "2", "--prompts-per-step", "2",
+                            "--mini-batch-prompts", "1", "--out-dir", str(tmp_path / "run")])  # fmt: skip
+    aent.train(args)
+    out = capsys.readouterr().out
+    assert "step 1: every completion was cut at --max-new-tokens and masked" in out
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert line["loss"] is None and line["entropy_full"] is None  # null, not NaN
