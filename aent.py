@@ -262,12 +262,13 @@ def head_stats(hidden, targets, weight, bias, temperature, drop_frac, top_k, chu
         if not entropies:
             return logp, *torch.zeros_like(logp).expand(3, -1)
         kept = kept_logits(logits, drop_frac, top_k)  # [C, k]
-        with torch.no_grad():  # values: a graph the loss never uses would hold memory
+        h_clamped = clamped_entropy(kept)  # H~: nothing more dropped from A_k
+        with torch.no_grad():  # values, after H~: the backward's recomputation stops before them
             h_full, low = clamped_entropy(logits), kept.min(-1, keepdim=True).values  # [C, 1]
             p = (logits - log_z[:, None]).exp()  # [C, V] summed where dropped, not as 1 - kept:
             ties = (logits == low).sum(-1) - (kept == low).sum(-1)  # fp32 would lose 1e-6 masses
             dropped = (p * (logits < low)).sum(-1) + ties * (low[:, 0] - log_z).exp()  # [C]
-        return logp, clamped_entropy(kept), h_full, dropped  # H~: nothing more dropped from A_k
+        return logp, h_clamped, h_full, dropped
 
     chunks = zip(hidden.split(chunk), targets.split(chunk))
     parts = [checkpoint(stats, h, y, use_reentrant=False) for h, y in chunks]

@@ -51,3 +51,40 @@ def confident_tiny_head(model):
     lifts it."""
     with torch.no_grad():
         model.model.norm.weight.fill_(10.0)
+
+
+# The same task at the real vocabulary size (vocab_demo.py): the paper's argument in a language
+# model. The 99 characters plus filler tokens up to Qwen2.5's 151,936, none of which spells a digit.
+QWEN_VOCAB = 151_936
+
+
+def filler_tokens(n: int) -> list[str]:
+    """n distinct strings of 2 to 4 ASCII letters ('aa', 'ab', ...): tokens that decode to text
+    with no digit in it, so a completion of filler can never be graded correct."""
+    import itertools
+
+    letters = string.ascii_letters
+    words = ("".join(t) for size in (2, 3, 4) for t in itertools.product(letters, repeat=size))
+    return list(itertools.islice(words, n))
+
+
+def build_tiny_vocab(seed: int = 0, vocab_size: int = QWEN_VOCAB):
+    """build_tiny's model and tokenizer with the vocabulary padded by filler tokens to vocab_size
+    (Qwen2.5's by default). Text encodes as in build_tiny (no merges: filler is never produced
+    by encoding) and decodes the same; a filler id decodes to its letters."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+
+    _, small = build_tiny(seed)
+    vocab = dict(small.get_vocab())
+    for word in filler_tokens(vocab_size - len(vocab)):
+        vocab[word] = len(vocab)
+    specials = ["<|im_start|>", "<|im_end|>"]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=specials)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config), tokenizer
