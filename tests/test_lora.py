@@ -79,9 +79,12 @@ def test_lora_demo_learns_and_its_final_is_a_plain_model_with_the_adapters_merge
     adapted = PeftModel.from_pretrained(lora_base(), final / "adapter")
     ids = torch.randint(3, 99, (4, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
         trained = model(ids).logits  # the model as training left it
         assert torch.equal(adapted(ids).logits, trained)
+        # in float64, so that only the merged weights' rounding to fp32 differs: 1.8e-5 measured
+        # on logits of order 1 (in fp32, sums in another order too: 1e-4 on another CPU)
+        merged_64, adapted_64 = merged.double()(ids).logits, adapted.double()(ids).logits
+        torch.testing.assert_close(merged_64, adapted_64, rtol=1e-4, atol=1e-4)
         scored, _ = ev.load_checkpoint(str(final), torch.device("cpu"))  # eval.py: unmerged
         assert torch.equal(scored(ids).logits, trained)
 
