@@ -109,6 +109,8 @@ class Args:
     sample_every: int = arg(10, "steps between stored samples, plus the first and last (0: none)")
     eval_every: int = arg(0, "steps between greedy scoring of held-out problems (0: never)")
     eval_size: int = arg(64, "problems held out of the training data for --eval-every")
+    report_to: str = arg("none", "live dashboard: none, tensorboard (OUT/tensorboard) or wandb",
+                         choices=cli.REPORTS)  # fmt: skip
 
 
 def parse_args(argv=None) -> Args:
@@ -395,8 +397,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
                 ref_logp = torch.cat([stats(ref_model or model, r, False)[0] for r in micro])
     model.train()
 
-    terms = dict(clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
-                 beta=args.beta)  # fmt: skip
+    clip = dict(clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip)
     logged, applied = [], []  # logged: (tokens, stats) per micro-batch
     for _ in range(args.ppo_epochs):
         order = torch.randperm(B // G)  # shuffle groups, keep each group whole
@@ -414,9 +415,8 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
                 logp, h_clamped, h_full, dropped = stats(model, rows)  # [b, T] each
                 old = logp.detach() if on_policy else old_logp[rows]  # [b, T]
                 ref = None if ref_logp is None else ref_logp[rows]  # [b, T]
-                loss, st = aent_loss(
-                    logp, old, adv[rows], m, h_clamped, coef, ref_logp=ref, **terms
-                )
+                loss, st = aent_loss(logp, old, adv[rows], m, h_clamped, coef, ref_logp=ref,
+                                     beta=args.beta, **clip)  # fmt: skip
                 (loss * (n / mb_tokens)).backward()  # the micro-batch's share of the token-mean
                 finite = finite & torch.isfinite(loss)  # a tensor: no sync here
                 st.update(loss=loss, entropy_full=masked_mean(h_full, m))
@@ -471,13 +471,11 @@ def train(args: Args, stop: Optional[StopRequest] = None):
     start, coef, bad_streak = 0, (0.0 if args.entropy == "none" else args.entropy_coef), 0
     if state:  # the weights came with the model; the optimizer and counters from here
         start, coef, bad_streak = checkpoints.restore(resume, state, opt)  # and says so
-    rundir.start_logs(args.out_dir, settings, start)  # args.json; logs cut back to `start`
+    rundir.start_logs(args.out_dir, settings, start, args.report_to)  # logs cut back to `start`
     print(f"model {args.model} on {device} | {len(pairs)} problems | bonus: {args.entropy}")
 
     G, adaptive = args.group_size, args.entropy != "none" and args.adaptive_coef
     bonus_entropy = "entropy_full" if args.entropy == "full" else "entropy_clamped"  # the band's
-    band = dict(h_low=args.h_low, h_high=args.h_high, lr=args.coef_lr, coef_min=args.coef_min,
-                coef_max=args.coef_max)  # fmt: skip
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=None)
     for step in bar:
         t0 = time.time()
@@ -491,16 +489,13 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         mask = roll["mask"] * ~roll["truncated"][:, None] if args.mask_truncated else roll["mask"]
         t_rollout = time.time() - t0
 
-        # policy update with the entropy bonus, then the coefficient update
+        # policy update with the entropy bonus; the coefficient's update follows the metrics
         upd = policy_update(model, opt, roll, mask, adv, coef, args, ref_model)
         bad_streak = checkpoints.stop_if_diverged(
             upd["applied"], bad_streak, args.max_bad_updates, args.out_dir
         )  # --max-bad-updates non-finite: stop
         if upd["loss"] is None:  # no token to learn from: say so, the metrics are null
             tqdm.write(f"step {step + 1}: every completion was cut at --max-new-tokens and masked")
-        coef_used = coef
-        if adaptive and step + 1 >= args.coef_warmup and any(upd["applied"]):
-            coef = update_entropy_coef(coef, upd[bonus_entropy], **band)
 
         seen = torch.stack([rewards, roll["mask"].sum(1).cpu(), roll["truncated"].cpu()], 1)
         all_rewards, lengths, truncated = dist.gather(seen.float()).T  # every rank's [B]
@@ -508,7 +503,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         m = {
             "step": step + 1,
             "reward": all_rewards.mean().item(),
-            "entropy_coef": coef_used,
+            "entropy_coef": coef,  # the lambda this step's update used
             **{k: upd[k] for k in UPDATE_STATS},  # token-means over the update
             "skipped_updates": upd["applied"].count(False),
             "response_len": lengths.mean().item(),
@@ -517,6 +512,10 @@ def train(args: Args, stop: Optional[StopRequest] = None):
             "rollout_time": t_rollout,
             "step_time": time.time() - t0,
         }
+        if adaptive and step + 1 >= args.coef_warmup and any(upd["applied"]):
+            coef = update_entropy_coef(coef, upd[bonus_entropy], h_low=args.h_low,
+                                       h_high=args.h_high, lr=args.coef_lr,
+                                       coef_min=args.coef_min, coef_max=args.coef_max)  # fmt: skip
         if held_out and rank == 0 and (step + 1) % args.eval_every == 0:
             eval_prompts, eval_golds = zip(*held_out)
             texts = rollout(model, tokenizer, eval_prompts, greedy, 1, args.rollout_batch_size)

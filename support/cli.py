@@ -8,6 +8,7 @@ import math
 import sys
 from typing import Optional
 
+from support.dashboards import REPORTS, check_installed  # noqa: F401 (REPORTS: aent.Args)
 from support.demo import TINY_DEMO
 from support.distributed import rank, world_size
 
@@ -127,6 +128,7 @@ def check_args(args):
         ("long_prompts", a.long_prompts in ("skip", "error"), "skip or error"),
         ("entropy", a.entropy in BONUSES, "one of " + ", ".join(BONUSES)),
         ("prompt", a.prompt in PROMPTS, "one of " + ", ".join(PROMPTS)),
+        ("report_to", a.report_to in REPORTS, "one of " + ", ".join(REPORTS)),
     ]
     for name in ("steps", "prompts_per_step", "max_prompt_tokens", "max_new_tokens", "eval_size",
                  "rollout_batch_size", "mini_batch_prompts", "ppo_epochs", "micro_batch_size",
@@ -148,3 +150,4 @@ def check_args(args):
     problems += [f"--{n.replace('_', '-')} must be {what}" for n, ok, what in rules if not ok]
     if problems:
         sys.exit("error: " + "; ".join(dict.fromkeys(problems)))
+    check_installed(a.report_to)  # the dashboard's package

@@ -13,12 +13,15 @@ import shutil
 import sys
 
 from support.checkpoints import last_checkpoint_note
+from support.dashboards import Dashboard
 from support.distributed import rank
 
-RESUMABLE = ("out_dir", "steps", "save_every", "keep_last", "sample_every", "max_bad_updates")
+RESUMABLE = ("out_dir", "steps", "save_every", "keep_last", "sample_every", "max_bad_updates",
+             "report_to")  # fmt: skip
 RENAMED = {"top_k": "keep_top_k"}  # flags renamed since a run was saved: old name -> new
 
 _claimed = {}  # real path of an out_dir -> (its locked .lock file, whether this created it)
+_dashboard = None  # the live report of this process's run, if any
 
 
 def claim(out_dir: str, settings: dict, defaults: dict):
@@ -126,9 +129,11 @@ def write_atomic(path: str, text: str):
 OWN_TMP = re.compile(r"(args\.json|metrics\.jsonl|samples\.jsonl|step_\d{6}|final)\.tmp")
 
 
-def start_logs(out_dir: str, settings: dict, step: int):
+def start_logs(out_dir: str, settings: dict, step: int, report_to: str = "none"):
     """Write args.json and cut the logs back to `step`: a resumed run logs each step once. What
-    a killed run left half-written is removed: its own NAME.tmp files only, never another one."""
+    a killed run left half-written is removed: its own NAME.tmp files only, never another one.
+    With report_to, the steps also go to a live dashboard (support/dashboards.py)."""
+    global _dashboard
     if rank():
         return
     try:
@@ -145,6 +150,9 @@ def start_logs(out_dir: str, settings: dict, step: int):
                 write_atomic(path, "".join(kept))
     except OSError as e:
         sys.exit(f"error: cannot write to {out_dir}: {e.strerror}; nothing was trained")
+    if report_to != "none":
+        _dashboard = Dashboard(report_to, out_dir, settings, step)
+        atexit.register(_dashboard.close)
 
 
 def logged_step(line: str) -> float:
@@ -163,6 +171,8 @@ def log_step(out_dir: str, metrics: dict, shown: dict, write=print):
     if rank():
         return
     append(out_dir, "metrics.jsonl", [json.dumps(metrics) + "\n"])
+    if _dashboard:
+        _dashboard.log(metrics)
     parts = [f.format(metrics[k]) for k, f in shown.items() if metrics.get(k) is not None]
     write(" | ".join([f"step {metrics['step']:>4}", *parts]))
 
@@ -183,6 +193,8 @@ def log_samples(out_dir, step, prompts, completions, golds, rewards, group_size,
         for j in range(0, min(len(completions), 3 * G), G)
     ]  # fmt: skip
     append(out_dir, "samples.jsonl", [json.dumps(s) + "\n" for s in samples])
+    if _dashboard:
+        _dashboard.samples(step, samples)
     for s in samples[:2]:
         write(f"  sample (reward {s['reward']:.0f}, gold {s['gold']}): {s['completion'][:200]!r}")
 
