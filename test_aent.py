@@ -657,7 +657,8 @@ def test_the_gpu_precision_path_runs_on_the_cpu_under_bf16_autocast(tmp_path, mo
     monkeypatch.setattr(models, "frozen_dtype", lambda device: torch.bfloat16)
     out = tmp_path / "run"
     model = aent.train(aent.parse_args(["--model", "tiny", "--steps", "2", "--out-dir", str(out),
-                                        "--beta", "0.01", *lora]))  # fmt: skip
+                                        "--beta", "0.01", "--prompts-per-step", "4",
+                                        "--mini-batch-prompts", "2", *lora]))  # fmt: skip
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     for key in ("reward", "loss", "entropy_clamped", "entropy_full", "dropped_mass", "kl_ref"):
         assert all(math.isfinite(m[key]) for m in lines), key

@@ -41,16 +41,18 @@ from support import demo, models
 RL = ["--dataset", "toy", "--prompts-per-step", "8", "--group-size", "16",
       "--mini-batch-prompts", "8", "--micro-batch-size", "128", "--max-new-tokens", "1",
       "--max-prompt-tokens", "64", "--lr", "1e-3", "--weight-decay", "0", "--save-every", "0",
-      "--sample-every", "0", "--logits-chunk", "32", "--entropy-coef", "0.2",
-      "--coef-min", "0.002", "--coef-max", "0.2", "--h-low", "0.5", "--h-high", "2.2",
-      "--coef-lr", "0.1", "--coef-warmup", "0"]  # fmt: skip
+      "--sample-every", "0", "--logits-chunk", "32"]  # fmt: skip
+FIXED = ["--entropy-coef", "0.2", "--no-adaptive-coef"]
 METHODS = {
     "grpo": ["--entropy", "none"],
-    "full": ["--entropy", "full", "--no-adaptive-coef"],
-    "clamped": ["--entropy", "clamped", "--no-adaptive-coef"],
-    "top10": ["--entropy", "clamped", "--keep-top-k", "10", "--no-adaptive-coef"],
-    "aent": ["--entropy", "clamped"],
-}
+    "full": ["--entropy", "full", *FIXED],
+    "clamped": ["--entropy", "clamped", *FIXED],
+    "top10": ["--entropy", "clamped", "--keep-top-k", "10", *FIXED],
+    "aent": ["--entropy", "clamped", "--entropy-coef", "0.2", "--coef-min", "0.002",
+             "--coef-max", "0.2", "--h-low", "0.5", "--h-high", "2.2", "--coef-lr", "0.1",
+             "--coef-warmup", "0"],
+}  # fmt: skip
+COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
 PANELS = [("reward", "reward"), ("entropy_full", "H, full vocabulary (nats)"),
           ("entropy_clamped", "H~, kept set (nats)"),
           ("dropped_mass", "probability outside the kept set"), ("entropy_coef", "lambda")]  # fmt: skip
@@ -132,12 +134,13 @@ def plot(runs: dict, path: str):
                 continue  # full: nothing clamped
             values = torch.tensor(rows)  # [seeds, steps]
             steps = range(1, values.size(1) + 1)
-            ax.plot(steps, values.mean(0), label=method)
-            ax.fill_between(steps, values.min(0).values, values.max(0).values, alpha=0.15)
+            ax.plot(steps, values.mean(0), label=method, color=COLORS[method])
+            low, high = values.min(0).values, values.max(0).values
+            ax.fill_between(steps, low, high, alpha=0.15, color=COLORS[method])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     fig.suptitle(f"151,936-token vocabulary: mean over {len(rows)} seeds, band min to max")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)

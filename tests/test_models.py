@@ -87,6 +87,7 @@ def test_qwen_stops_on_endoftext_and_im_end_and_cuts_at_the_first(qwen_dir):
     assert texts == ["12 apples", "12 apples"]
 
 
+@pytest.mark.slow
 def test_one_step_and_an_eval_on_the_real_qwen_vocabulary_and_a_faithful_checkpoint(
     tmp_path, qwen_dir
 ):
