@@ -19,7 +19,7 @@ the entropy coefficient, eta its step size (--coef-lr), beta the weight of an op
 The support/ package holds what a run needs besides the method (flags, data, checkpoints, ...).
 
     python aent.py --model Qwen/Qwen2.5-Math-1.5B      # the paper's recipe, scaled to one GPU
-    torchrun --nproc_per_node 8 aent.py --recipe r1-distill   # the second published setting
+    torchrun --nproc_per_node 8 aent.py --recipe qwen-math --model Qwen/Qwen2.5-7B --fsdp  # 7B
     python aent.py --model tiny                        # offline CPU demo on a toy task
     python aent.py --lora-rank 32 --rollout-batch-size 64   # LoRA: the 1.5B model on 24 GB
 """
@@ -52,9 +52,7 @@ def arg(default, help, **kw):
 @dataclass
 class Args:
     # model and data
-    recipe: Optional[str] = arg(
-        None, "a published setting for flags not given", choices=cli.RECIPES
-    )
+    recipe: Optional[str] = arg(None, "published settings for flags not given", choices=cli.RECIPES)
     model: str = arg("Qwen/Qwen2.5-Math-1.5B", "hub id, local directory, or 'tiny' (CPU demo)")
     dataset: str = arg("math", "gsm8k, math, math500, toy, or a local .jsonl/.parquet file")
     split: str = arg("train", "split of a hub dataset")
@@ -111,6 +109,7 @@ class Args:
     eval_size: int = arg(64, "problems held out of the training data for --eval-every")
     report_to: str = arg("none", "live dashboard: none, tensorboard (OUT/tensorboard) or wandb",
                          choices=cli.REPORTS)  # fmt: skip
+    fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW over the ranks")
 
 
 def parse_args(argv=None) -> Args:
@@ -135,11 +134,6 @@ def build_prompt(tokenizer, question: str, style: str = "qwen-math") -> str:
     system = [{"role": "system", "content": SYSTEM_PROMPT}] if style == "qwen-math" else []
     messages = system + [{"role": "user", "content": question + suffix}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-# Model: support/models.py loads it (fp32 weights, or a LoRA base + adapters), its stop ids ----
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # Step 1: rollout ---------------------------------------------------------------------------------
@@ -188,8 +182,10 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size=1, batch_size=
     try:
         for i in range(0, len(prompt_ids), batch_size):
             ids, attn = prompt_ids[i : i + batch_size], prompt_attn[i : i + batch_size]
-            with autocast(device):
-                out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
+            with models.autocast(device):  # bf16 on a GPU
+                out = model.generate(
+                    input_ids=ids, attention_mask=attn, generation_config=gen, synced_gpus=False
+                )  # no lockstep: FSDP weights are gathered
             chunks.append(out[:, prompt_ids.size(1) :])  # [b, T_i]
     finally:
         inner.generation_config = saved
@@ -284,7 +280,8 @@ def token_stats(model, input_ids, attention_mask, mask, temperature, drop_frac, 
     T = mask.size(1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] as generate sets them
     kw = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = model.get_decoder()(input_ids, **kw).last_hidden_state  # [B, L, D] before the head
+    # [B, L, D] before the head, through the model's forward (FSDP gathers weights there): 1 logit
+    hidden = model(input_ids, **kw, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     keep = mask.bool()  # [B, T]
     hidden = hidden[:, -T - 1 : -1][keep]  # [N, D] the states that predict completion tokens
     targets = input_ids[:, -T:][keep]  # [N]
@@ -378,7 +375,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
         first, t = min(starts[i] for i in r), max(1, *(n_tokens[i] for i in r))
         cols = slice(first, roll["input_ids"].size(1) - T + t)
         ids, attn = roll["input_ids"][rows, cols], roll["attention_mask"][rows, cols]
-        with autocast(adv.device):
+        with models.autocast(adv.device):
             out = token_stats(net, ids, attn, mask[rows, :t], args.temperature, drop_frac, top_k,
                               args.logits_chunk, entropies)  # fmt: skip
         return [F.pad(x, (0, T - t)) for x in out]  # 4 x [b, T]
@@ -408,10 +405,8 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
             if mb_tokens == 0:  # every completion masked out (--mask-truncated): nothing to learn
                 continue
             finite = True
-            for rows in mb.split(args.micro_batch_size):
+            for rows in mb.split(args.micro_batch_size):  # (one without tokens adds 0)
                 m, n = mask[rows], sum(n_tokens[i] for i in rows.tolist())  # m [b, T]
-                if n == 0:
-                    continue
                 logp, h_clamped, h_full, dropped = stats(model, rows)  # [b, T] each
                 old = logp.detach() if on_policy else old_logp[rows]  # [b, T]
                 ref = None if ref_logp is None else ref_logp[rows]  # [b, T]
@@ -426,7 +421,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
                 logged.append((n, st))
             dist.sum_gradients(model)  # over ranks: the whole minibatch's token-mean
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            ok = bool(dist.all_sum(~(finite & torch.isfinite(norm))) == 0)  # on every rank
+            ok = bool(dist.all_sum(~(finite & torch.isfinite(dist.full(norm)))) == 0)  # all ranks
             if ok:
                 opt.step()
             applied.append(ok)
@@ -466,11 +461,13 @@ def train(args: Args, stop: Optional[StopRequest] = None):
     ref_model = models.load_model(args.model, device, args.seed)[0].eval() if initial else None
     if args.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
+    if args.fsdp:  # each rank holds 1/N of the weights, and of their gradients and AdamW moments
+        model, ref_model = dist.shard(model), ref_model and dist.shard(ref_model)
     trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     start, coef, bad_streak = 0, (0.0 if args.entropy == "none" else args.entropy_coef), 0
     if state:  # the weights came with the model; the optimizer and counters from here
-        start, coef, bad_streak = checkpoints.restore(resume, state, opt)  # and says so
+        start, coef, bad_streak = checkpoints.restore(resume, state, model, opt)  # and says so
     rundir.start_logs(args.out_dir, settings, start, args.report_to)  # logs cut back to `start`
     print(f"model {args.model} on {device} | {len(pairs)} problems | bonus: {args.entropy}")
 
@@ -483,7 +480,8 @@ def train(args: Args, stop: Optional[StopRequest] = None):
         # rollout, reward and group advantages of this rank's share of the step's prompts
         idx = data.step_batch(len(pairs), args.prompts_per_step, step, args.seed)[rank::world]
         prompts, golds = [pairs[i][0] for i in idx], [pairs[i][1] for i in idx for _ in range(G)]
-        roll = rollout(model, tokenizer, prompts, sampling, G, args.rollout_batch_size)
+        with dist.gathered(model):  # with --fsdp, the full weights for generate, freed after
+            roll = rollout(model, tokenizer, prompts, sampling, G, args.rollout_batch_size)
         rewards = torch.tensor([grade(c, g) for c, g in zip(roll["completions"], golds)])  # [B]
         adv = group_advantages(rewards, G, scale=args.scale_adv).to(device)  # [B]
         mask = roll["mask"] * ~roll["truncated"][:, None] if args.mask_truncated else roll["mask"]
@@ -516,11 +514,13 @@ def train(args: Args, stop: Optional[StopRequest] = None):
             coef = update_entropy_coef(coef, upd[bonus_entropy], h_low=args.h_low,
                                        h_high=args.h_high, lr=args.coef_lr,
                                        coef_min=args.coef_min, coef_max=args.coef_max)  # fmt: skip
-        if held_out and rank == 0 and (step + 1) % args.eval_every == 0:
-            eval_prompts, eval_golds = zip(*held_out)
-            texts = rollout(model, tokenizer, eval_prompts, greedy, 1, args.rollout_batch_size)
-            scores = list(map(grade, texts["completions"], eval_golds))
-            m["eval_accuracy"] = sum(scores) / len(scores)
+        if held_out and (step + 1) % args.eval_every == 0:
+            with dist.gathered(model):  # every rank gathers (--fsdp); rank 0 scores, greedily
+                if rank == 0:
+                    questions, answers = zip(*held_out)
+                    texts = rollout(model, tokenizer, questions, greedy, 1,
+                                    args.rollout_batch_size)["completions"]  # fmt: skip
+                    m["eval_accuracy"] = sum(map(grade, texts, answers)) / len(answers)
         rundir.log_step(args.out_dir, m, SHOWN, tqdm.write)  # metrics.jsonl and a printed line
         if rundir.sample_due(step + 1, args.sample_every, args.steps):  # 3 to samples.jsonl
             rundir.log_samples(args.out_dir, step + 1, prompts, roll["completions"], golds,

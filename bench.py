@@ -339,7 +339,7 @@ def untrimmed_update(model, opt, roll, adv, p):
     micro-batch at the step's full width; the same token-mean loss, one optimizer step."""
     mask, n = roll["mask"], roll["mask"].sum()
     for rows in torch.arange(mask.size(0)).split(p["micro"]):
-        with aent.autocast(adv.device):
+        with models.autocast(adv.device):
             ids, attn = roll["input_ids"][rows], roll["attention_mask"][rows]
             logp, h, *_ = aent.token_stats(
                 model, ids, attn, mask[rows], 1.0, 0.33, None, p["chunk"]

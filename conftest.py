@@ -63,8 +63,9 @@ def tiny_args(out, *flags):
     return aent.parse_args(["--model", "tiny", "--out-dir", str(out), *flags])
 
 
-def torchrun(*argv, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+def torchrun(*argv, timeout=600, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    cmd.append(str(nproc))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
     return subprocess.run(
         cmd + [str(a) for a in argv], cwd=HERE, capture_output=True, text=True, env=env,

@@ -653,7 +653,7 @@ def test_the_gpu_precision_path_runs_on_the_cpu_under_bf16_autocast(tmp_path, mo
     adapters): forced on here, so that a dtype mistake on that path fails on a CPU too."""
     from support import models
 
-    monkeypatch.setattr(aent, "autocast", lambda device: torch.autocast("cpu", torch.bfloat16))
+    monkeypatch.setattr(models, "autocast", lambda device: torch.autocast("cpu", torch.bfloat16))
     monkeypatch.setattr(models, "frozen_dtype", lambda device: torch.bfloat16)
     out = tmp_path / "run"
     model = aent.train(aent.parse_args(["--model", "tiny", "--steps", "2", "--out-dir", str(out),

@@ -8,5 +8,6 @@ demo         the offline CPU demo: its toy task and tiny model
 rundir       the run directory: its lock, args.json, metrics.jsonl and samples.jsonl
 checkpoints  saving, finding and resuming from checkpoints
 signals      SIGINT, SIGTERM and SIGHUP: finish the step, save, exit
-distributed  several processes under torchrun: ranks, sums and gathers
+dashboards   --report-to: TensorBoard or Weights & Biases, live
+distributed  several processes under torchrun: ranks, sums and gathers; --fsdp sharding
 """

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from support.distributed import all_sum, barrier, rank, world_size
+from support.distributed import all_sum, barrier, full_state, is_sharded, rank, world_size
+from support.distributed import load_full_optimizer_state
 from support.models import save_model, save_tokenizer, saved_model_problem, tokenizer_problem
 
 
@@ -22,8 +23,10 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, state: dict, keep_last
 
     With LoRA (a peft model) the weights are the adapters, in adapter/; final/ also holds the
     merged model, a plain one, in fp32, since bf16 base weights would round away much of a
-    small update. The model being trained is left as it was."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    small update. The model being trained is left as it was. A sharded model (--fsdp) is
+    gathered whole to rank 0 first, every rank sending its shards: a plain checkpoint."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    if all_sum(not all(torch.isfinite(p).all() for p in local)) > 0:  # on any rank
         sys.exit(
             f"error: the weights are no longer finite after step {state['step']} (is --lr too "
             f"large?); nothing was saved ({last_checkpoint_note(out_dir)})"
@@ -33,6 +36,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, state: dict, keep_last
     logging.disable_progress_bar()  # the step bar is progress enough
     name = "final" if final else f"step_{state['step']:06d}"
     path = os.path.join(out_dir, name)
+    weights, optimizer_state = full_state(model, optimizer) if is_sharded(model) else (None, None)
     if rank():  # rank 0 writes for all (the weights are the same on every rank); the others
         return barrier(path)  # wait for it, so that no process runs ahead or exits first
     tmp, old = path + ".tmp", path + ".old"
@@ -45,10 +49,12 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, state: dict, keep_last
             merged = (
                 copy.deepcopy(model).to("cpu", torch.float32).merge_and_unload() if lora else model
             )
-            save_model(merged, tokenizer, tmp)
+            save_model(merged, tokenizer, tmp, weights)
         else:
             save_tokenizer(tokenizer, tmp)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if optimizer_state is None:  # (a sharded model's is keyed by parameter name)
+            optimizer_state = optimizer.state_dict()
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         umask = os.umask(0)
         os.umask(umask)
@@ -96,10 +102,14 @@ def resume_point(out_dir: str):
     return (path, state) if path else (None, None)
 
 
-def restore(path: str, state: dict, optimizer):
-    """Load the optimizer state of a checkpoint; (step, coef, bad_streak) to continue from."""
+def restore(path: str, state: dict, model, optimizer):
+    """Load the optimizer state of a checkpoint; (step, coef, bad_streak) to continue from. A
+    sharded model's optimizer takes its shard of the whole state, saved by any number of ranks."""
     saved = torch.load(os.path.join(path, "optimizer.pt"), "cpu", weights_only=True)
-    optimizer.load_state_dict(saved)  # moves each state to its parameter's device
+    if is_sharded(model):
+        load_full_optimizer_state(model, optimizer, saved)
+    else:
+        optimizer.load_state_dict(saved)  # moves each state to its parameter's device
     print(f"resuming from {path} (step {state['step']})")
     return state["step"], state["coef"], state["bad_streak"]
 

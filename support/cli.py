@@ -148,6 +148,10 @@ def check_args(args):
         inside = a.coef_min <= a.entropy_coef <= a.coef_max
         rules.append(("entropy_coef", inside, "in [--coef-min, --coef-max]"))
     problems += [f"--{n.replace('_', '-')} must be {what}" for n, ok, what in rules if not ok]
+    if a.fsdp and world < 2:
+        problems.append("--fsdp shards over processes: run it under torchrun with 2 or more")
+    if a.fsdp and a.lora_rank:  # the frozen base would stay whole on every rank: nothing saved
+        problems.append("--fsdp shards full fine-tuning; with --lora-rank leave it out")
     if problems:
         sys.exit("error: " + "; ".join(dict.fromkeys(problems)))
     check_installed(a.report_to)  # the dashboard's package

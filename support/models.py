@@ -26,6 +26,11 @@ def load_model(name: str, device: torch.device, seed: int = 0, dtype=torch.float
     return model.to(device=device, dtype=dtype), tokenizer
 
 
+def autocast(device: torch.device):
+    """The passes' precision: bf16 autocast on a GPU (the weights stay fp32), none on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def frozen_dtype(device: torch.device) -> torch.dtype:
     """Weights that never change (a LoRA base, a model to evaluate): bf16 on a GPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -146,10 +151,11 @@ def safetensors_complete(path: str) -> bool:
         return False
 
 
-def save_model(model, tokenizer, path: str):
-    """save_pretrained, readable by transformers 4.x as well: the tokenizer's source files and a
-    top-level rope_theta (see save_tokenizer and add_legacy_rope_theta)."""
-    model.save_pretrained(path)
+def save_model(model, tokenizer, path: str, weights=None):
+    """save_pretrained (of `weights`, a whole state dict, when given), readable by transformers
+    4.x as well: the tokenizer's source files and a top-level rope_theta (see save_tokenizer and
+    add_legacy_rope_theta)."""
+    model.save_pretrained(path, state_dict=weights)
     add_legacy_rope_theta(path)
     save_tokenizer(tokenizer, path)
 
