@@ -19,7 +19,7 @@ the entropy coefficient, eta its step size (--coef-lr), beta the weight of an op
 The support/ package holds what a run needs besides the method (flags, data, checkpoints, ...).
 
     python aent.py --model Qwen/Qwen2.5-Math-1.5B      # the paper's recipe, scaled to one GPU
-    torchrun --nproc_per_node 8 aent.py --recipe qwen-math --model Qwen/Qwen2.5-7B --fsdp  # 7B
+    torchrun --nproc_per_node 8 aent.py --model Qwen/Qwen2.5-7B --fsdp --rollout-batch-size 32
     python aent.py --model tiny                        # offline CPU demo on a toy task
     python aent.py --lora-rank 32 --rollout-batch-size 64   # LoRA: the 1.5B model on 24 GB
 """
@@ -185,7 +185,7 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size=1, batch_size=
             with models.autocast(device):  # bf16 on a GPU
                 out = model.generate(
                     input_ids=ids, attention_mask=attn, generation_config=gen, synced_gpus=False
-                )  # no lockstep: FSDP weights are gathered
+                )  # no lockstep between ranks: with FSDP, call it inside dist.gathered
             chunks.append(out[:, prompt_ids.size(1) :])  # [b, T_i]
     finally:
         inner.generation_config = saved
@@ -195,13 +195,12 @@ def rollout(model, tokenizer, prompts: list[str], gen, group_size=1, batch_size=
     mask = completion_mask(completion_ids, gen.eos_token_id)  # [B, T]
     eos = torch.tensor(gen.eos_token_id, device=device)
     kept = completion_ids.masked_fill(mask == 0, pad)  # [B, T] nothing after the first EOS
-    texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
     return {
         "input_ids": torch.cat([prompt_ids, completion_ids], 1),  # [B, P+T]
         "attention_mask": torch.cat([prompt_attn, mask], 1),  # [B, P+T]
         "mask": mask,  # [B, T]
         "truncated": ~torch.isin(completion_ids, eos).any(1),  # [B] no EOS: cut at the limit
-        "completions": texts,
+        "completions": tokenizer.batch_decode(kept, skip_special_tokens=True),
     }
 
 
@@ -392,6 +391,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
         if args.beta:  # the reference: ref_model (the initial model), or with LoRA the base
             with model.disable_adapter() if ref_model is None else contextlib.nullcontext():
                 ref_logp = torch.cat([stats(ref_model or model, r, False)[0] for r in micro])
+            dist.reshard(ref_model)  # with --fsdp: free the head it gathered, until next step
     model.train()
 
     clip = dict(clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip)
@@ -405,7 +405,7 @@ def policy_update(model, opt, roll, mask, adv, coef, args: Args, ref_model=None)
             if mb_tokens == 0:  # every completion masked out (--mask-truncated): nothing to learn
                 continue
             finite = True
-            for rows in mb.split(args.micro_batch_size):  # (one without tokens adds 0)
+            for rows in mb.split(args.micro_batch_size):  # every one, on all ranks (FSDP)
                 m, n = mask[rows], sum(n_tokens[i] for i in rows.tolist())  # m [b, T]
                 logp, h_clamped, h_full, dropped = stats(model, rows)  # [b, T] each
                 old = logp.detach() if on_policy else old_logp[rows]  # [b, T]
@@ -462,7 +462,7 @@ def train(args: Args, stop: Optional[StopRequest] = None):
     if args.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if args.fsdp:  # each rank holds 1/N of the weights, and of their gradients and AdamW moments
-        model, ref_model = dist.shard(model), ref_model and dist.shard(ref_model)
+        model, ref_model = dist.shard(model), (dist.shard(ref_model) if ref_model else None)
     trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     start, coef, bad_streak = 0, (0.0 if args.entropy == "none" else args.entropy_coef), 0

@@ -105,11 +105,11 @@ def resume_point(out_dir: str):
 def restore(path: str, state: dict, model, optimizer):
     """Load the optimizer state of a checkpoint; (step, coef, bad_streak) to continue from. A
     sharded model's optimizer takes its shard of the whole state, saved by any number of ranks."""
-    saved = torch.load(os.path.join(path, "optimizer.pt"), "cpu", weights_only=True)
+    file = os.path.join(path, "optimizer.pt")
     if is_sharded(model):
-        load_full_optimizer_state(model, optimizer, saved)
-    else:
-        optimizer.load_state_dict(saved)  # moves each state to its parameter's device
+        load_full_optimizer_state(model, optimizer, file)
+    else:  # moves each state to its parameter's device
+        optimizer.load_state_dict(torch.load(file, "cpu", weights_only=True))
     print(f"resuming from {path} (step {state['step']})")
     return state["step"], state["coef"], state["bad_streak"]
 

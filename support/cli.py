@@ -150,7 +150,7 @@ def check_args(args):
     problems += [f"--{n.replace('_', '-')} must be {what}" for n, ok, what in rules if not ok]
     if a.fsdp and world < 2:
         problems.append("--fsdp shards over processes: run it under torchrun with 2 or more")
-    if a.fsdp and a.lora_rank:  # the frozen base would stay whole on every rank: nothing saved
+    if a.fsdp and a.lora_rank:  # LoRA under FSDP (peft, its reference, its checkpoints): not built
         problems.append("--fsdp shards full fine-tuning; with --lora-rank leave it out")
     if problems:
         sys.exit("error: " + "; ".join(dict.fromkeys(problems)))

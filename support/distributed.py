@@ -90,7 +90,7 @@ def barrier(value=None):
     return value
 
 
-# Fully sharded data parallel (--fsdp) --------------------------------------------------------------
+# Fully sharded data parallel (--fsdp) -----------------------------------------------------------
 def shard(model):
     """FSDP2: each decoder layer, then the rest of the model, keeps 1/N of its parameters on each
     of the N ranks, and so of its gradients and AdamW moments. A layer's full weights are
@@ -137,6 +137,14 @@ def gathered(model):
             unit.reshard()
 
 
+def reshard(model):
+    """Free what a sharded model holds gathered: its root keeps the embedding and head after a
+    forward (for the head's pass), which a model that never runs a backward would keep for good.
+    Nothing for None or a model that is not sharded."""
+    for unit in fsdp_units(model) if model is not None else []:
+        unit.reshard()
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     """A tensor as a plain one: a DTensor (sharded, or a sum over ranks pending) made whole."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -145,7 +153,10 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def full_state(model, optimizer) -> tuple:
     """(weights, optimizer state) of a sharded model, whole, on the CPU of rank 0 (empty on the
     others): a state dict save_pretrained writes, and one keyed by parameter name that
-    `load_full_optimizer_state` gives back to any number of ranks. Every rank must call it."""
+    `load_full_optimizer_state` gives back to any number of ranks. Every rank must call it.
+    Before any update the optimizer's own (empty) state: reading a sharded one would initialise
+    AdamW's moments and step count with a step of lr 0, changing the next update's bias
+    correction."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -154,13 +165,19 @@ def full_state(model, optimizer) -> tuple:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
+    if not optimizer.state:  # the same on every rank: the same updates were taken
+        return weights, optimizer.state_dict()
     return weights, get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def load_full_optimizer_state(model, optimizer, state: dict):
-    """Give a sharded model's optimizer the whole state `full_state` saved (each rank keeps its
-    shard of it), whatever the number of ranks it was saved with."""
+def load_full_optimizer_state(model, optimizer, path: str):
+    """Give a sharded model's optimizer the whole state `full_state` saved to `path`, whatever
+    the number of ranks it was saved with: rank 0 reads it and sends each rank its shard (on 8
+    GPUs each rank reading all 61 GB of a 7B model's AdamW state would need 490 GB of memory)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(model, optimizer, state, options=options)
+    saved = torch.load(path, "cpu", weights_only=True, mmap=True) if dist.get_rank() == 0 else {}
+    if all_sum(len(saved.get("state", {}))) == 0:  # saved before any update: a plain empty one
+        return optimizer.load_state_dict(torch.load(path, "cpu", weights_only=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, saved, options=options)

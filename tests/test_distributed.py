@@ -97,10 +97,12 @@ def test_a_two_process_update_equals_a_one_process_update_of_the_whole_batch(tmp
 
 
 @pytest.mark.slow
-def test_torchrun_stops_every_rank_at_one_step_on_sigterm_and_resumes(tmp_path):
+@pytest.mark.parametrize("fsdp", [[], ["--fsdp"]], ids=["plain", "fsdp"])
+def test_torchrun_stops_every_rank_at_one_step_on_sigterm_and_resumes(tmp_path, fsdp):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "aent.py", "--model", "tiny", "--steps", "200", "--save-every", "0", "--out-dir", str(out)]  # fmt: skip
+           "aent.py", "--model", "tiny", "--steps", "200", "--save-every", "0", "--out-dir", str(out),
+           *fsdp]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     start = time.time()
@@ -115,7 +117,7 @@ def test_torchrun_stops_every_rank_at_one_step_on_sigterm_and_resumes(tmp_path):
     stopped = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert [n for n in os.listdir(out) if n.startswith("step_")] == [f"step_{stopped[-1]:06d}"]
     res = torchrun("aent.py", "--model", "tiny", "--steps", stopped[-1] + 2, "--save-every", "0",
-                   "--out-dir", out)  # fmt: skip
+                   "--out-dir", out, *fsdp)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == list(range(1, stopped[-1] + 3)) and (out / "final").is_dir()
