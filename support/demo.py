@@ -26,13 +26,20 @@ def build_tiny(seed: int = 0):
     characters, so a saved checkpoint reloads through AutoTokenizer unchanged. Characters
     outside that set are dropped.
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+    from transformers import Qwen2Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
     byte_level = [{" ": "\u0120", "\n": "\u010a"}.get(c, c) for c in chars]  # GPT-2's names
     vocab = {t: i for i, t in enumerate(specials + byte_level)}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=specials[1:])
+    return tiny_model(tokenizer, seed), tokenizer
+
+
+def tiny_model(tokenizer, seed: int):
+    """The demos' 2-layer, 64-wide Qwen2 over `tokenizer`'s vocabulary, random from `seed`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -40,7 +47,7 @@ def build_tiny(seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config), tokenizer
+    return Qwen2ForCausalLM(config)
 
 
 def confident_tiny_head(model):
@@ -72,7 +79,7 @@ def build_tiny_vocab(seed: int = 0, vocab_size: int = QWEN_VOCAB):
     """build_tiny's model and tokenizer with the vocabulary padded by filler tokens to vocab_size
     (Qwen2.5's by default). Text encodes as in build_tiny (no merges: filler is never produced
     by encoding) and decodes the same; a filler id decodes to its letters."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+    from transformers import Qwen2Tokenizer
 
     _, small = build_tiny(seed)
     vocab = dict(small.get_vocab())
@@ -80,11 +87,4 @@ def build_tiny_vocab(seed: int = 0, vocab_size: int = QWEN_VOCAB):
         vocab[word] = len(vocab)
     specials = ["<|im_start|>", "<|im_end|>"]
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=specials)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config), tokenizer
+    return tiny_model(tokenizer, seed), tokenizer

@@ -57,11 +57,15 @@ import aent
 from support import distributed, models
 from support.demo import build_tiny
 
-# One step's update of the same 4 groups x 4 rollouts, on one process or split over two.
+# One step's update of the same 4 groups x 4 rollouts, on one process or split over two that
+# shard the model with argv[3] = "fsdp". argv[2] is --max-grad-norm: 0.05 clips every update
+# here (norms 1.7 and 1.4), by the norm over all ranks' gradients; 1e9 clips none, so that
+# gradients averaged over the ranks instead of summed would show.
 rank, world, _ = distributed.init_distributed()
 args = aent.parse_args(["--model", "tiny", "--group-size", "4", "--prompts-per-step", "4",
                         "--mini-batch-prompts", "4", "--micro-batch-size", "3",
-                        "--ppo-epochs", "2", "--max-new-tokens", "3"])
+                        "--ppo-epochs", "2", "--max-new-tokens", "3",
+                        "--max-grad-norm", sys.argv[2]])
 model, tokenizer = build_tiny(0)
 torch.manual_seed(0)  # the same rollouts on every rank; each takes its own groups
 gen = aent.generation_config(tokenizer, models.stop_token_ids(model, tokenizer), 3)
@@ -71,29 +75,40 @@ rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1])
 adv = aent.group_advantages(rewards, 4)
 rows = slice(16 // world * rank, 16 // world * (rank + 1))
 part = {k: v[rows] for k, v in roll.items() if torch.is_tensor(v)}
+sharded = world > 1 and sys.argv[3] == "fsdp"
+if sharded:
+    distributed.shard(model)
 opt = torch.optim.SGD(model.parameters(), lr=1.0)  # Adam would magnify rounding of tiny grads
 torch.manual_seed(1)
-aent.policy_update(model, opt, part, part["mask"], adv[rows], 0.01, args)
+upd = aent.policy_update(model, opt, part, part["mask"], adv[rows], 0.01, args)
+weights = distributed.full_state(model, opt)[0] if sharded else model.state_dict()
 if rank == 0:
-    torch.save(dict(model.state_dict()), sys.argv[1])
+    torch.save({"weights": dict(weights), "loss": upd["loss"]}, sys.argv[1])
 distributed.barrier()  # no process exits while another still works
 """
 
 
 @pytest.mark.slow
-def test_a_two_process_update_equals_a_one_process_update_of_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("fsdp,max_norm", [("plain", "1.0"), ("fsdp", "0.05"), ("fsdp", "1e9")],
+                         ids=["plain", "fsdp-clipped", "fsdp-unclipped"])  # fmt: skip
+def test_a_two_process_update_equals_a_one_process_update_of_the_whole_batch(
+    tmp_path, fsdp, max_norm
+):
     script = tmp_path / "equal.py"
     script.write_text(EQUAL_UPDATE)
-    res = torchrun(script, tmp_path / "two.pt")
+    res = torchrun(script, tmp_path / "two.pt", max_norm, fsdp, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=HERE,
-                         env={**os.environ, "PYTHONPATH": HERE}, capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, str(script), str(tmp_path / "one.pt"), max_norm, fsdp]
+    env = {**os.environ, "PYTHONPATH": HERE}
+    one = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
     start = build_tiny(0)[0].state_dict()
-    for k in one:
-        assert not torch.equal(one[k], start[k])  # the update moved every tensor
-        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+    assert two["weights"].keys() == one["weights"].keys()
+    for k, w in one["weights"].items():
+        assert not torch.equal(w, start[k])  # the update moved every tensor
+        torch.testing.assert_close(two["weights"][k], w, rtol=1e-5, atol=1e-6)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.slow

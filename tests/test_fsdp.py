@@ -71,66 +71,6 @@ def test_each_rank_holds_half_the_state_and_gathered_rollouts_match_the_plain_mo
     assert sum(r["weights"] for r in ranks) == ranks[0]["whole"]  # every byte held once
 
 
-EQUAL_UPDATE = """
-import sys, torch
-import aent
-from support import distributed, models
-from support.demo import build_tiny
-
-# One step's update of the same 4 groups x 4 rollouts: on one process, or split over two ranks
-# that shard the model (what tests/test_distributed.py checks for plain data parallel). Clipped
-# (the norms are 1.7 and 1.4: 0.05 clips both, by the norm over every rank's shard) or not (so
-# that gradients averaged over the ranks, half the sum, would show).
-rank, world, _ = distributed.init_distributed()
-args = aent.parse_args(["--model", "tiny", "--group-size", "4", "--prompts-per-step", "4",
-                        "--mini-batch-prompts", "4", "--micro-batch-size", "3",
-                        "--ppo-epochs", "2", "--max-new-tokens", "3",
-                        "--max-grad-norm", sys.argv[2]])
-model, tokenizer = build_tiny(0)
-torch.manual_seed(0)
-gen = aent.generation_config(tokenizer, models.stop_token_ids(model, tokenizer), 3)
-prompts = [aent.build_prompt(tokenizer, f"Repeat {d}") for d in range(4)]
-roll = aent.rollout(model, tokenizer, prompts, gen, group_size=4)
-rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1])
-adv = aent.group_advantages(rewards, 4)
-rows = slice(16 // world * rank, 16 // world * (rank + 1))
-part = {k: v[rows] for k, v in roll.items() if torch.is_tensor(v)}
-if world > 1:
-    distributed.shard(model)
-opt = torch.optim.SGD(model.parameters(), lr=1.0)
-torch.manual_seed(1)
-upd = aent.policy_update(model, opt, part, part["mask"], adv[rows], 0.01, args)
-weights = distributed.full_state(model, opt)[0] if world > 1 else model.state_dict()
-if rank == 0:
-    torch.save({"weights": dict(weights), "loss": upd["loss"]}, sys.argv[1])
-distributed.barrier()
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("max_norm", ["0.05", "1e9"], ids=["clipped", "unclipped"])
-def test_a_two_rank_sharded_update_equals_a_one_process_update_of_the_whole_batch(
-    tmp_path, max_norm
-):
-    from support.demo import build_tiny
-
-    script = tmp_path / "equal.py"
-    script.write_text(EQUAL_UPDATE)
-    res = torchrun(script, tmp_path / "two.pt", max_norm, timeout=180)
-    assert res.returncode == 0, res.stderr[-3000:]
-    cmd = [sys.executable, str(script), str(tmp_path / "one.pt"), max_norm]
-    env = {**os.environ, "PYTHONPATH": HERE}
-    one = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    start = build_tiny(0)[0].state_dict()
-    assert two["weights"].keys() == one["weights"].keys()
-    for k, w in one["weights"].items():
-        assert not torch.equal(w, start[k])  # the update moved every tensor
-        torch.testing.assert_close(two["weights"][k], w, rtol=1e-5, atol=1e-6)
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
-
-
 def fsdp_command(out, *flags):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
             "2", "aent.py", "--model", "tiny", "--fsdp", "--out-dir", str(out), *flags]  # fmt: skip
