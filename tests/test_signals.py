@@ -105,3 +105,19 @@ def test_ctrl_c_while_the_libraries_import_exits_without_a_traceback():
     if proc.returncode == 0:
         pytest.skip("the imports finished before the signal")
     assert proc.returncode == -signal.SIGINT and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_reader_of_stdout_that_goes_away_does_not_stop_the_run(tmp_path):
+    """`aent.py ... | head -1`: the pipe closes after the first line; the run trains to the end."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "aent.py", "--model", "tiny", "--steps", "4", "--out-dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as head -1 does
+    _, stderr = proc.communicate(timeout=300)
+    assert first.startswith("model tiny") and proc.returncode == 0, stderr[-2000:]
+    assert "BrokenPipe" not in stderr and (out / "final").is_dir()
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
