@@ -95,7 +95,8 @@ def reset_peak(device):
 
 
 def memory_mib(device, peak=True):
-    """Current or peak memory of this process (VmHWM is its own; ru_maxrss would count the parent's RSS at exec)."""
+    """Current or peak memory of this process (VmHWM is its own; ru_maxrss would count the
+    parent's RSS at exec)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         return (
@@ -202,7 +203,8 @@ def run_trl(p, model_dir, work, device):
         def on_step_end(self, *a, **k):
             times["step"].append(time.time() - self.t)
 
-    # one generation of B completions and one optimizer step per step, p["micro"] sequences per forward
+    # one generation of B completions and one optimizer step per step, p["micro"] sequences a
+    # forward
     config = GRPOConfig(
         output_dir=os.path.join(work, "trl"),
         per_device_train_batch_size=p["micro"],
@@ -384,7 +386,8 @@ def run_update(p, trimmed: bool, model_dir, device):
         times.append(time.time() - t)
     real = int(roll["attention_mask"].sum())
     return dict(time=times[-1], peak_mib=memory_mib(device), extra_mib=memory_mib(device) - base,
-                positions=sum(positions), padding=1 - real / sum(positions), real_tokens=real)  # fmt: skip
+                positions=sum(positions), padding=1 - real / sum(positions),
+                real_tokens=real)  # fmt: skip
 
 
 def bench_spread() -> dict:
@@ -574,7 +577,8 @@ def main(argv=None):
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
 
     print(
-        f"preset {preset} on {device}: hidden {p['hidden']}, {p['layers']} layers, vocab {p['vocab']}; "
+        f"preset {preset} on {device}: hidden {p['hidden']}, {p['layers']} layers, "
+        f"vocab {p['vocab']}; "
         f"{p['prompts']} prompts x {p['group']} samples x {p['new_tokens']} tokens per step, "
         f"{p['steps']} measured steps after 1 warm-up; "
         + (f"LoRA rank {p['lora_rank']}" if p["lora_rank"] else "all weights trained")
@@ -626,7 +630,8 @@ def main(argv=None):
     if not a.no_pass:
         V = p["vocab"]
         print(
-            f"\nlog-prob + clamped-entropy pass alone (forward + backward, V = {V}, chunk {p['chunk']}):"
+            "\nlog-prob + clamped-entropy pass alone "
+            f"(forward + backward, V = {V}, chunk {p['chunk']}):"
         )
         print(
             f"{'tokens':>8s} {'chunked s':>10s} {'full s':>8s} {'chunked extra MiB':>18s} "

@@ -62,7 +62,7 @@ def make_problem(m, seeds, a, gen):
 
 
 def train(method, m, a):
-    """Train a.seeds policies at once; return their values V after every step, [steps + 1, seeds]."""
+    """Train a.seeds policies at once; their values V after every step, [steps + 1, seeds]."""
     gen = torch.Generator().manual_seed(a.seed + m)  # every method sees the same problems
     logits, reward, correct = make_problem(m, a.seeds, a, gen)
     logits.requires_grad_()
@@ -216,7 +216,8 @@ def main(argv=None):
         print(f"m = {m:>3} done ({time.time() - t0:.0f} s)", flush=True)
 
     print(
-        f"\nfinal value V, mean ± std over {a.seeds} seeds (|A| = {a.actions}, H = {a.horizon}, {a.steps} steps)"
+        f"\nfinal value V, mean ± std over {a.seeds} seeds "
+        f"(|A| = {a.actions}, H = {a.horizon}, {a.steps} steps)"
     )
     print("m".rjust(4) + "".join(k.rjust(16) for k in METHODS))
     for m in a.ms:
