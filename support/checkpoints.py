@@ -36,7 +36,8 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, state: dict, keep_last
     logging.disable_progress_bar()  # the step bar is progress enough
     name = "final" if final else f"step_{state['step']:06d}"
     path = os.path.join(out_dir, name)
-    weights, optimizer_state = full_state(model, optimizer) if is_sharded(model) else (None, None)
+    plain = (None, optimizer.state_dict())  # a sharded model's: whole, keyed by parameter name
+    weights, optimizer_state = full_state(model, optimizer) if is_sharded(model) else plain
     if rank():  # rank 0 writes for all (the weights are the same on every rank); the others
         return barrier(path)  # wait for it, so that no process runs ahead or exits first
     tmp, old = path + ".tmp", path + ".old"
@@ -52,8 +53,6 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, state: dict, keep_last
             save_model(merged, tokenizer, tmp, weights)
         else:
             save_tokenizer(tokenizer, tmp)
-        if optimizer_state is None:  # (a sharded model's is keyed by parameter name)
-            optimizer_state = optimizer.state_dict()
         torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         umask = os.umask(0)
